@@ -1,0 +1,161 @@
+// vhostkit/dirty_log.h: the vhost-user dirty page log.
+//
+// Concepts
+//   DirtyLog       the bitmap the frontend shares with SET_LOG_BASE: bit N (bit N % 8 of
+//                  byte N / 8) is set when guest page N (GPA / 4096) was written. It is
+//                  a MAP_SHARED mapping of [offset, offset + size) of the log fd.
+//                  mark() sets bits with an atomic OR on each byte after a release
+//                  fence, so the guest data written before mark() is visible to anyone
+//                  who sees the bit. A GPA beyond the log is never written: mark()
+//                  returns out_of_range and the log counts it.
+//   DirtyLogBatch  a per-queue write-combining cache: marks are ORed into a few cached
+//                  64-bit words and written to the shared log by flush() (at the end of
+//                  a burst, and whenever the cache is full). Between mark() and flush()
+//                  the bits are not yet visible: flush before completing the burst.
+//   fetch_and_clear  the frontend's side: atomically take and zero a range of the log.
+//
+// Thread safety: mark() may be called from any number of threads concurrently. A
+// DirtyLogBatch belongs to one thread.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vhostkit/types.h"
+#include "vhostkit/unique_fd.h"
+
+namespace vhostkit {
+
+enum class DirtyLogErrc {
+  bad_fd,           // the fd cannot be mapped (fstat failed or wrong type)
+  zero_size,        // a log of 0 bytes
+  offset_overflow,  // offset + size overflows
+  beyond_file,      // offset + size past the end of the file
+  mmap_failed,      // the kernel refused the mapping
+  too_small,        // the log does not cover the memory table's highest GPA
+  out_of_range,     // a write to a GPA the log does not cover
+};
+
+[[nodiscard]] const char* to_string(DirtyLogErrc e);
+
+struct DirtyLogError {
+  DirtyLogErrc code;
+  std::uint64_t value = 0;   // offending GPA, or the needed size for too_small
+  std::uint64_t limit = 0;   // the log's size in bytes / coverage in GPA
+  int sys_errno = 0;
+
+  [[nodiscard]] std::string message() const;
+};
+
+class DirtyLog {
+ public:
+  // Maps [offset, offset + size) of fd as the log. The DirtyLog owns the mapping; the
+  // fd is closed once mapped.
+  [[nodiscard]] static Result<std::shared_ptr<DirtyLog>, DirtyLogError> map(UniqueFd fd,
+                                                                           std::uint64_t size,
+                                                                           std::uint64_t offset);
+  // Uses memory the caller owns and keeps alive (tests, the frontend's own view).
+  [[nodiscard]] static std::shared_ptr<DirtyLog> over(std::span<std::uint8_t> bitmap);
+
+  ~DirtyLog();
+  DirtyLog(const DirtyLog&) = delete;
+  DirtyLog& operator=(const DirtyLog&) = delete;
+
+  [[nodiscard]] std::uint64_t size_bytes() const { return size_; }
+  // One past the highest GPA the log covers.
+  [[nodiscard]] Gpa covered_end() const;
+  // Error too_small unless [0, end) is covered.
+  [[nodiscard]] Result<void, DirtyLogError> check_covers(Gpa end) const;
+
+  // Marks every page of [gpa, gpa + len) dirty. REQUIRES: len > 0. Pages beyond the log
+  // are not written: they are counted and the first is returned as out_of_range.
+  [[nodiscard]] Result<void, DirtyLogError> mark(Gpa gpa, std::uint64_t len);
+
+  // ORs mask into the log's 64-bit word `word` (pages word*64 .. word*64+63), after a
+  // release fence. Pages outside the log are counted, not written.
+  [[nodiscard]] Result<void, DirtyLogError> mark_word(std::uint64_t word, std::uint64_t mask);
+
+  [[nodiscard]] bool test(std::uint64_t page) const;
+
+  // Atomically reads and clears the bits of pages [first_page, first_page + count)
+  // and calls fn(page) for each that was set. Returns how many were set.
+  template <typename Fn>
+  std::uint64_t fetch_and_clear(std::uint64_t first_page, std::uint64_t count, Fn&& fn);
+
+  // Number of writes beyond the log since creation.
+  [[nodiscard]] std::uint64_t out_of_range_count() const {
+    return out_of_range_.load(std::memory_order_relaxed);
+  }
+
+  [[nodiscard]] std::uint8_t* data() const { return bits_; }
+
+ private:
+  DirtyLog(std::uint8_t* bits, std::uint64_t size, void* map_base, std::size_t map_len);
+  DirtyLogError out_of_range(std::uint64_t gpa);
+
+  std::uint8_t* bits_;
+  std::uint64_t size_;
+  void* map_base_;  // nullptr when not owned
+  std::size_t map_len_;
+  std::atomic<std::uint64_t> out_of_range_{0};
+};
+
+// Per-queue write-combining cache in front of a DirtyLog.
+class DirtyLogBatch {
+ public:
+  static constexpr std::size_t kWords = 16;
+
+  // Records [gpa, gpa + len) as dirty; flushes first when the cache is full.
+  // REQUIRES: len > 0.
+  [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len);
+
+  // Writes every cached word to the log and empties the cache. Returns the first
+  // out-of-range error, if any (all in-range words are written regardless).
+  [[nodiscard]] Result<void, DirtyLogError> flush(DirtyLog& log);
+
+  [[nodiscard]] bool empty() const { return n_ == 0; }
+
+ private:
+  Result<void, DirtyLogError> add(DirtyLog& log, std::uint64_t word, std::uint64_t mask);
+
+  std::uint64_t words_[kWords] = {};
+  std::uint64_t masks_[kWords] = {};
+  std::size_t n_ = 0;
+};
+
+template <typename Fn>
+std::uint64_t DirtyLog::fetch_and_clear(std::uint64_t first_page, std::uint64_t count, Fn&& fn) {
+  std::uint64_t found = 0;
+  std::uint64_t end = std::min(first_page + count, size_ * 8);
+  for (std::uint64_t p = first_page; p < end;) {
+    std::uint64_t byte = p / 8;
+    if ((p % 8) == 0 && p + 8 <= end) {
+      // acq_rel: the exchange must see the guest data published before the bit
+      // (acquire) and must not be reordered with the caller's later copy.
+      std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte]).exchange(0, std::memory_order_acq_rel);
+      for (unsigned b = 0; v != 0 && b < 8; ++b)
+        if (v & (1u << b)) {
+          ++found;
+          fn(p + b);
+        }
+      p += 8;
+    } else {
+      std::uint8_t bit = static_cast<std::uint8_t>(1u << (p % 8));
+      std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte]).fetch_and(
+          static_cast<std::uint8_t>(~bit), std::memory_order_acq_rel);
+      if (v & bit) {
+        ++found;
+        fn(p);
+      }
+      ++p;
+    }
+  }
+  return found;
+}
+
+}  // namespace vhostkit

@@ -1,0 +1,185 @@
+// Dirty log: mapping, atomic marking, write-combining batch.
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "vhostkit/dirty_log.h"
+
+namespace vhostkit {
+
+const char* to_string(DirtyLogErrc e) {
+  switch (e) {
+    case DirtyLogErrc::bad_fd: return "bad dirty log fd";
+    case DirtyLogErrc::zero_size: return "dirty log has zero size";
+    case DirtyLogErrc::offset_overflow: return "dirty log offset + size overflows";
+    case DirtyLogErrc::beyond_file: return "dirty log extends beyond the end of its file";
+    case DirtyLogErrc::mmap_failed: return "mmap of dirty log failed";
+    case DirtyLogErrc::too_small: return "dirty log too small for guest memory";
+    case DirtyLogErrc::out_of_range: return "write to a guest page beyond the dirty log";
+  }
+  return "unknown dirty log error";
+}
+
+std::string DirtyLogError::message() const {
+  std::string m = fmt::format("{} (value {:#x}, limit {:#x})", to_string(code), value, limit);
+  if (sys_errno != 0) m += fmt::format(": {}", std::strerror(sys_errno));
+  return m;
+}
+
+DirtyLog::DirtyLog(std::uint8_t* bits, std::uint64_t size, void* map_base, std::size_t map_len)
+    : bits_(bits), size_(size), map_base_(map_base), map_len_(map_len) {}
+
+DirtyLog::~DirtyLog() {
+  if (map_base_ != nullptr) ::munmap(map_base_, map_len_);
+}
+
+Result<std::shared_ptr<DirtyLog>, DirtyLogError> DirtyLog::map(UniqueFd fd, std::uint64_t size,
+                                                              std::uint64_t offset) {
+  if (size == 0) return unexpected(DirtyLogError{DirtyLogErrc::zero_size});
+  auto end = checked_add(offset, size);
+  if (!end || *end > static_cast<std::uint64_t>(INT64_MAX))
+    return unexpected(DirtyLogError{DirtyLogErrc::offset_overflow, offset, size});
+  struct stat st {};
+  if (!fd.valid() || ::fstat(fd.get(), &st) != 0)
+    return unexpected(DirtyLogError{DirtyLogErrc::bad_fd, 0, 0, fd.valid() ? errno : EBADF});
+  if (!S_ISREG(st.st_mode)) return unexpected(DirtyLogError{DirtyLogErrc::bad_fd, 0, 0, EINVAL});
+  if (*end > static_cast<std::uint64_t>(st.st_size))
+    return unexpected(DirtyLogError{DirtyLogErrc::beyond_file, *end,
+                                    static_cast<std::uint64_t>(st.st_size)});
+  // The mapping starts at the page containing `offset`; the bitmap starts `offset`
+  // bytes into the file, i.e. (offset - map_off) bytes into the mapping. The offset is
+  // applied exactly once.
+  auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::uint64_t map_off = offset & ~(page - 1);
+  std::uint64_t lead = offset - map_off;
+  std::size_t map_len = lead + size;
+  void* p = ::mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(),
+                   static_cast<off_t>(map_off));
+  if (p == MAP_FAILED) return unexpected(DirtyLogError{DirtyLogErrc::mmap_failed, 0, 0, errno});
+  auto* bits = static_cast<std::uint8_t*>(p) + lead;
+  return std::shared_ptr<DirtyLog>(new DirtyLog(bits, size, p, map_len));
+}
+
+std::shared_ptr<DirtyLog> DirtyLog::over(std::span<std::uint8_t> bitmap) {
+  return std::shared_ptr<DirtyLog>(new DirtyLog(bitmap.data(), bitmap.size(), nullptr, 0));
+}
+
+Gpa DirtyLog::covered_end() const {
+  // size_ bytes cover size_ * 8 pages; saturate rather than wrap for absurd sizes.
+  if (size_ > (~0ULL >> 15)) return Gpa(~0ULL);
+  return Gpa(size_ * 8 * kPageSize);
+}
+
+Result<void, DirtyLogError> DirtyLog::check_covers(Gpa end) const {
+  if (end > covered_end()) {
+    std::uint64_t pages = (end.value + kPageSize - 1) / kPageSize;
+    return unexpected(DirtyLogError{DirtyLogErrc::too_small, (pages + 7) / 8, size_});
+  }
+  return {};
+}
+
+DirtyLogError DirtyLog::out_of_range(std::uint64_t gpa) {
+  out_of_range_.fetch_add(1, std::memory_order_relaxed);
+  return DirtyLogError{DirtyLogErrc::out_of_range, gpa, size_ * 8 * kPageSize};
+}
+
+Result<void, DirtyLogError> DirtyLog::mark(Gpa gpa, std::uint64_t len) {
+  std::uint64_t last_byte = gpa.checked_end(len) ? gpa.value + (len - 1) : ~0ULL;
+  std::uint64_t p = gpa.page();
+  std::uint64_t last = last_byte >> 12;
+  std::uint64_t pages = size_ * 8;
+  // Release: the guest data written before this call is visible to whoever observes
+  // the bits set below (the frontend copying dirty pages).
+  std::atomic_thread_fence(std::memory_order_release);
+  while (p <= last && p < pages) {
+    std::uint64_t byte = p / 8;
+    std::uint64_t upto = std::min({last, byte * 8 + 7, pages - 1});
+    auto lo = static_cast<unsigned>(p % 8);
+    auto hi = static_cast<unsigned>(upto % 8);
+    auto mask = static_cast<std::uint8_t>((0xFFu >> (7 - hi)) & (0xFFu << lo));
+    std::atomic_ref<std::uint8_t>(bits_[byte]).fetch_or(mask, std::memory_order_relaxed);
+    p = upto + 1;
+  }
+  if (last >= pages) return unexpected(out_of_range(std::max(p, pages) * kPageSize));
+  return {};
+}
+
+Result<void, DirtyLogError> DirtyLog::mark_word(std::uint64_t word, std::uint64_t mask) {
+  std::atomic_thread_fence(std::memory_order_release);  // as in mark()
+  std::uint64_t first_byte = word * 8;
+  auto* addr = bits_ + first_byte;
+  if (word < size_ / 8 && (reinterpret_cast<std::uintptr_t>(addr) % 8) == 0) {
+    // Little endian: bit N of this word is bit N % 8 of byte N / 8, as in the log.
+    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(addr))
+        .fetch_or(mask, std::memory_order_relaxed);
+    return {};
+  }
+  // Unaligned log (non-multiple-of-8 mmap offset) or the log's last partial word.
+  Result<void, DirtyLogError> result;
+  for (unsigned k = 0; k < 8; ++k) {
+    auto m = static_cast<std::uint8_t>(mask >> (8 * k));
+    if (m == 0) continue;
+    if (first_byte + k >= size_) {
+      if (result) result = unexpected(out_of_range((first_byte + k) * 8 * kPageSize));
+      continue;
+    }
+    std::atomic_ref<std::uint8_t>(bits_[first_byte + k]).fetch_or(m, std::memory_order_relaxed);
+  }
+  return result;
+}
+
+bool DirtyLog::test(std::uint64_t page) const {
+  if (page / 8 >= size_) return false;
+  return (std::atomic_ref<std::uint8_t>(bits_[page / 8]).load(std::memory_order_acquire) >>
+          (page % 8)) & 1u;
+}
+
+Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word,
+                                               std::uint64_t mask) {
+  // Most bursts touch few words: scan from the newest, the likeliest hit.
+  for (std::size_t i = n_; i-- > 0;) {
+    if (words_[i] == word) {
+      masks_[i] |= mask;
+      return {};
+    }
+  }
+  Result<void, DirtyLogError> r;
+  if (n_ == kWords) r = flush(log);
+  words_[n_] = word;
+  masks_[n_] = mask;
+  ++n_;
+  return r;
+}
+
+Result<void, DirtyLogError> DirtyLogBatch::mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
+  std::uint64_t last_byte = gpa.checked_end(len) ? gpa.value + (len - 1) : ~0ULL;
+  std::uint64_t p = gpa.page();
+  std::uint64_t last = last_byte >> 12;
+  Result<void, DirtyLogError> result;
+  while (true) {
+    std::uint64_t word = p / 64;
+    std::uint64_t upto = std::min(last, word * 64 + 63);
+    auto lo = static_cast<unsigned>(p % 64);
+    auto hi = static_cast<unsigned>(upto % 64);
+    std::uint64_t mask = (~0ULL >> (63 - hi)) & (~0ULL << lo);
+    if (auto r = add(log, word, mask); !r && result) result = r;
+    if (upto == last) break;
+    p = upto + 1;
+  }
+  return result;
+}
+
+Result<void, DirtyLogError> DirtyLogBatch::flush(DirtyLog& log) {
+  Result<void, DirtyLogError> result;
+  for (std::size_t i = 0; i < n_; ++i)
+    if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
+  n_ = 0;
+  return result;
+}
+
+}  // namespace vhostkit
