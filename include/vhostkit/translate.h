@@ -176,6 +176,14 @@ class Translator {
   [[nodiscard]] bool logging() { check_generation(); return state_.logging && state_.log; }
   [[nodiscard]] bool iommu() { check_generation(); return state_.iommu; }
 
+  // Refreshes if the address space changed; returns the generation now in use.
+  std::uint64_t sync() {
+    check_generation();
+    return generation_;
+  }
+  // The memory snapshot current translations come from (keeps its mappings alive).
+  [[nodiscard]] const std::shared_ptr<const MemorySnapshot>& memory() const { return state_.memory; }
+
   // Cache statistics (benchmarks, tests).
   [[nodiscard]] std::uint64_t cache_hits() const { return hits_; }
   [[nodiscard]] std::uint64_t cache_misses() const { return misses_; }

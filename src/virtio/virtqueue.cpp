@@ -1,0 +1,366 @@
+// Virtqueue: configuration, ring mapping, chain walking and buffer copies shared by
+// the split and packed formats.
+#include "vhostkit/virtqueue.h"
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "virtio/internal/guest_access.h"
+
+namespace vhostkit {
+
+const char* to_string(VirtqueueErrc e) {
+  switch (e) {
+    case VirtqueueErrc::bad_config: return "bad queue configuration";
+    case VirtqueueErrc::not_started: return "queue not started";
+    case VirtqueueErrc::broken: return "queue is broken";
+    case VirtqueueErrc::ring_unmapped: return "ring not in guest memory";
+    case VirtqueueErrc::avail_idx_jump: return "available index moved by more than the queue size";
+    case VirtqueueErrc::head_out_of_range: return "descriptor index out of range";
+    case VirtqueueErrc::next_out_of_range: return "next descriptor index out of range";
+    case VirtqueueErrc::chain_too_long: return "descriptor chain longer than the queue (or a loop)";
+    case VirtqueueErrc::nested_indirect: return "indirect descriptor inside an indirect table";
+    case VirtqueueErrc::indirect_not_negotiated: return "indirect descriptor without INDIRECT_DESC";
+    case VirtqueueErrc::indirect_with_next: return "indirect descriptor with NEXT set";
+    case VirtqueueErrc::bad_indirect_size: return "indirect table size is 0 or not a multiple of 16";
+    case VirtqueueErrc::readable_after_writable: return "driver-readable descriptor after a device-writable one";
+    case VirtqueueErrc::length_overflow: return "chain length exceeds 4 GiB";
+    case VirtqueueErrc::bad_buffer: return "buffer not in guest memory or not permitted";
+    case VirtqueueErrc::bad_completion: return "completion for a chain that is not outstanding";
+    case VirtqueueErrc::log_failed: return "ring write could not be logged";
+  }
+  return "unknown virtqueue error";
+}
+
+std::string VirtqueueError::message() const {
+  return fmt::format("{} (index {}, address {:#x})", to_string(code), index, addr);
+}
+
+HostPtr Virtqueue::RingArea::at(std::uint64_t off, std::uint64_t size, Segment* seg) const {
+  if (n == 1) {  // the common case: the whole area is one host range
+    if (seg != nullptr) *seg = Segment{segs[0].host + off, segs[0].gpa + off, size};
+    return segs[0].host + off;
+  }
+  std::uint64_t base = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (off < base + segs[i].len) {
+      std::uint64_t o = off - base;
+      if (o + size > segs[i].len) return nullptr;  // a field straddling two mappings
+      if (seg != nullptr) *seg = Segment{segs[i].host + o, segs[i].gpa + o, size};
+      return segs[i].host + o;
+    }
+    base += segs[i].len;
+  }
+  return nullptr;
+}
+
+Virtqueue::Virtqueue(AddressSpace& space, LogMode log_mode) : space_(space), tr_(space, log_mode) {}
+
+VirtqueueError Virtqueue::fail(VirtqueueError e) {
+  if (!broken_) broken_ = e;
+  return e;
+}
+
+Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const RingState& state,
+                                              bool used_from_ring) {
+  using namespace virtio;
+  std::uint32_t n = config.size;
+  bool packed = config.format == RingFormat::packed;
+  if (n == 0 || n > kMaxQueueSize || (!packed && (n & (n - 1)) != 0))
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_config, n});
+  std::uint64_t desc_align = packed ? packed::kDescAlign : split::kDescAlign;
+  std::uint64_t driver_align = packed ? packed::kEventAlign : split::kAvailAlign;
+  std::uint64_t device_align = packed ? packed::kEventAlign : split::kUsedAlign;
+  if (config.addr.desc.value % desc_align != 0 || config.addr.driver.value % driver_align != 0 ||
+      config.addr.device.value % device_align != 0)
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_config, n, config.addr.desc.value});
+  reset();
+  config_ = config;
+  state_ = state;
+  if (!packed) {
+    state_.avail_wrap = true;
+    state_.used_wrap = true;
+  } else if (state_.avail_idx >= n || state_.used_idx >= n) {
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_config, state_.avail_idx});
+  }
+  started_ = true;
+  if (!packed && used_from_ring) {
+    // Resume where the used ring says the previous device stopped. If the ring is not
+    // translatable yet (IOTLB miss) it is read when it first maps.
+    if (auto m = ensure_mapped(); m) {
+      state_.used_idx = detail::load<std::uint16_t>(device_.at(split::kUsedIdx, 2),
+                                                    std::memory_order_acquire);
+    } else if (broken_) {
+      return unexpected(*broken_);
+    } else {
+      pending_used_from_ring_ = true;
+    }
+  }
+  return {};
+}
+
+RingState Virtqueue::stop() {
+  started_ = false;
+  mapped_ = false;
+  ring_memory_.reset();
+  (void)tr_.flush_log();
+  return state_;
+}
+
+void Virtqueue::reset() {
+  started_ = false;
+  mapped_ = false;
+  broken_.reset();
+  ring_memory_.reset();
+  in_flight_ = 0;
+  state_ = RingState{};
+  pending_used_from_ring_ = false;
+  (void)tr_.flush_log();
+}
+
+Result<void, VirtqueueError> Virtqueue::map_area(Iova addr, std::uint64_t len, Access access,
+                                                 std::uint64_t align, RingArea& area) {
+  auto n = tr_.translate(addr, len, access, area.segs);
+  if (!n) {
+    const TranslateError& e = n.error();
+    if (e.code == TranslateErrc::iotlb_miss) {
+      last_miss_ = e;
+      return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, e.addr.value});
+    }
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, addr.value}));
+  }
+  area.n = *n;
+  area.len = len;
+  for (std::size_t i = 0; i < area.n; ++i)
+    if (reinterpret_cast<std::uintptr_t>(area.segs[i].host) % align != 0 ||
+        (i + 1 < area.n && area.segs[i].len % align != 0))
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, addr.value}));
+  return {};
+}
+
+Result<void, VirtqueueError> Virtqueue::map_rings() {
+  using namespace virtio;
+  std::uint32_t n = config_.size;
+  bool packed = config_.format == RingFormat::packed;
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    std::uint64_t g = tr_.sync();
+    last_miss_.reset();
+    if (packed) {
+      if (auto r = map_area(config_.addr.desc, packed::desc_ring_size(n), Access::read_write,
+                            packed::kDescAlign, desc_);
+          !r)
+        return r;
+      if (auto r = map_area(config_.addr.driver, packed::kEventSize, Access::read,
+                            packed::kEventAlign, driver_);
+          !r)
+        return r;
+      if (auto r = map_area(config_.addr.device, packed::kEventSize, Access::write,
+                            packed::kEventAlign, device_);
+          !r)
+        return r;
+    } else {
+      if (auto r = map_area(config_.addr.desc, split::desc_table_size(n), Access::read,
+                            split::kDescAlign, desc_);
+          !r)
+        return r;
+      if (auto r = map_area(config_.addr.driver, split::avail_size(n), Access::read,
+                            split::kAvailAlign, driver_);
+          !r)
+        return r;
+      if (auto r = map_area(config_.addr.device, split::used_size(n), Access::read_write,
+                            split::kUsedAlign, device_);
+          !r)
+        return r;
+    }
+    if (tr_.sync() != g) continue;  // the space changed while mapping: map again
+    ring_generation_ = g;
+    ring_memory_ = tr_.memory();
+    mapped_ = true;
+    if (config_.log_guest_addr && *config_.log_guest_addr != device_.segs[0].gpa)
+      ++log_addr_mismatches_;
+    return {};
+  }
+  return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, config_.addr.desc.value});
+}
+
+Result<void, VirtqueueError> Virtqueue::ensure_mapped() {
+  if (broken_) return unexpected(VirtqueueError{VirtqueueErrc::broken, broken_->index, broken_->addr});
+  if (!started_) return unexpected(VirtqueueError{VirtqueueErrc::not_started});
+  if (mapped_ && tr_.sync() == ring_generation_) return {};
+  mapped_ = false;
+  if (auto r = map_rings(); !r) return r;
+  if (pending_used_from_ring_) {
+    pending_used_from_ring_ = false;
+    state_.used_idx = detail::load<std::uint16_t>(device_.at(virtio::split::kUsedIdx, 2),
+                                                  std::memory_order_acquire);
+  }
+  return {};
+}
+
+Result<void, VirtqueueError> Virtqueue::log_ring(const RingArea& area, std::uint64_t off,
+                                                 std::uint64_t len) {
+  Segment seg;
+  if (area.at(off, len, &seg) == nullptr)
+    return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, off});
+  if (auto r = tr_.log_write(seg); !r)
+    return unexpected(VirtqueueError{VirtqueueErrc::log_failed, 0, r.error().addr.value});
+  return {};
+}
+
+Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& chain,
+                                                                    std::uint64_t addr,
+                                                                    std::uint32_t len, bool writable,
+                                                                    bool& seen_writable) {
+  if (writable) {
+    seen_writable = true;
+    if (static_cast<std::uint64_t>(chain.writable_len) + len > UINT32_MAX)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::length_overflow, chain.id, addr}));
+    chain.writable_len += len;
+  } else {
+    if (seen_writable)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::readable_after_writable, chain.id, addr}));
+    if (static_cast<std::uint64_t>(chain.readable_len) + len > UINT32_MAX)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::length_overflow, chain.id, addr}));
+    chain.readable_len += len;
+  }
+  if (len == 0) return WalkResult{true, std::nullopt};
+  // Translate into the batch's segment storage; segments of one buffer are appended
+  // contiguously, and readable ones all precede writable ones in a valid chain.
+  auto& segs = out.segments_;
+  std::size_t base = segs.size();
+  std::size_t room = 4;
+  while (true) {
+    segs.resize(base + room);
+    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
+                           std::span<Segment>(segs.data() + base, room));
+    if (n) {
+      segs.resize(base + *n);
+      if (writable)
+        chain.n_writable += static_cast<std::uint32_t>(*n);
+      else
+        chain.n_readable += static_cast<std::uint32_t>(*n);
+      return WalkResult{true, std::nullopt};
+    }
+    segs.resize(base);
+    const TranslateError& e = n.error();
+    if (e.code == TranslateErrc::too_many_segments && room < 4096) {
+      room *= 4;
+      continue;
+    }
+    if (e.code == TranslateErrc::iotlb_miss) return WalkResult{false, e};
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
+  }
+}
+
+Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
+    ChainBatch& out, DescChain& chain, std::uint64_t addr, std::uint32_t len, bool& seen_writable,
+    std::uint32_t& count) {
+  bool packed = config_.format == RingFormat::packed;
+  if (!config_.indirect)
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::indirect_not_negotiated, chain.id, addr}));
+  if (len == 0 || len % 16 != 0)
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_indirect_size, chain.id, addr}));
+  std::uint32_t entries = len / 16;
+  if (entries > config_.size)
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, chain.id, addr}));
+  // Copy the table out of guest memory once: the walk below then never reads guest
+  // memory past the table's end, and sees one consistent table.
+  indirect_scratch_.resize(len);
+  if (auto r = tr_.read(Iova(addr), indirect_scratch_); !r) {
+    if (r.error().code == TranslateErrc::iotlb_miss) return WalkResult{false, r.error()};
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
+  }
+  const std::uint8_t* table = indirect_scratch_.data();
+  if (packed) {
+    // Packed indirect tables are used in order, all entries (spec 2.8.19).
+    for (std::uint32_t i = 0; i < entries; ++i) {
+      if (++count > config_.size)
+        return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, chain.id, i}));
+      auto d = detail::snapshot_of<virtio::PackedDesc>(table + 16ULL * i);
+      if (d.flags & virtio::kDescFIndirect)
+        return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
+      auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
+      if (!r || !r->complete) return r;
+    }
+    return WalkResult{true, std::nullopt};
+  }
+  std::uint32_t i = 0;
+  while (true) {
+    if (++count > config_.size)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, chain.id, i}));
+    auto d = detail::snapshot_of<virtio::SplitDesc>(table + 16ULL * i);
+    if (d.flags & virtio::kDescFIndirect)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
+    auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
+    if (!r || !r->complete) return r;
+    if (!(d.flags & virtio::kDescFNext)) return WalkResult{true, std::nullopt};
+    if (d.next >= entries)
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::next_out_of_range, chain.id, d.next}));
+    i = d.next;
+  }
+}
+
+Result<PopResult, VirtqueueError> Virtqueue::pop(ChainBatch& out, std::size_t max) {
+  if (auto m = ensure_mapped(); !m) {
+    if (last_miss_ && !broken_) {
+      PopResult r;
+      r.deferred = last_miss_;
+      return r;
+    }
+    return unexpected(m.error());
+  }
+  return config_.format == RingFormat::packed ? pop_packed(out, max) : pop_split(out, max);
+}
+
+Result<bool, VirtqueueError> Virtqueue::push(std::span<const Completion> done) {
+  if (done.empty()) return false;
+  if (auto m = ensure_mapped(); !m) return unexpected(m.error());
+  if (done.size() > in_flight_)
+    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_completion, done[0].id}));
+  auto r = config_.format == RingFormat::packed ? push_packed(done) : push_split(done);
+  if (r) in_flight_ -= static_cast<std::uint32_t>(done.size());
+  return r;
+}
+
+Result<std::uint32_t, VirtqueueError> Virtqueue::write_chain(const ChainBatch& batch,
+                                                             const DescChain& chain,
+                                                             std::uint32_t offset,
+                                                             std::span<const std::uint8_t> data) {
+  std::uint32_t written = 0;
+  std::uint64_t skip = offset;
+  for (const Segment& s : batch.writable(chain)) {
+    if (written == data.size()) break;
+    if (skip >= s.len) {
+      skip -= s.len;
+      continue;
+    }
+    std::uint64_t n = std::min<std::uint64_t>(s.len - skip, data.size() - written);
+    std::memcpy(s.host + skip, data.data() + written, n);
+    if (auto r = tr_.log_write(Segment{s.host + skip, s.gpa + skip, n}); !r)
+      return unexpected(VirtqueueError{VirtqueueErrc::log_failed, chain.id, r.error().addr.value});
+    written += static_cast<std::uint32_t>(n);
+    skip = 0;
+  }
+  return written;
+}
+
+std::uint32_t Virtqueue::read_chain(const ChainBatch& batch, const DescChain& chain,
+                                    std::uint32_t offset, std::span<std::uint8_t> out) const {
+  std::uint32_t copied = 0;
+  std::uint64_t skip = offset;
+  for (const Segment& s : batch.readable(chain)) {
+    if (copied == out.size()) break;
+    if (skip >= s.len) {
+      skip -= s.len;
+      continue;
+    }
+    std::uint64_t n = std::min<std::uint64_t>(s.len - skip, out.size() - copied);
+    std::memcpy(out.data() + copied, s.host + skip, n);
+    copied += static_cast<std::uint32_t>(n);
+    skip = 0;
+  }
+  return copied;
+}
+
+}  // namespace vhostkit
