@@ -204,6 +204,12 @@ class Virtqueue {
   // again rather than sleep).
   [[nodiscard]] Result<bool, VirtqueueError> set_kick_enabled(bool enabled);
 
+  // IOTLB look-ahead: walks up to max_chains available chains without consuming them
+  // and appends every translation miss to be reported to the frontend (report_miss
+  // set; each page once), so all missing pages can be requested in one burst rather
+  // than one round trip per chain. Leaves the ring state untouched.
+  std::size_t collect_misses(std::vector<TranslateError>& out, std::size_t max_chains);
+
   // Whether the avail ring holds buffers not yet popped.
   [[nodiscard]] bool has_available();
 
@@ -262,6 +268,8 @@ class Virtqueue {
   RingArea driver_;
   RingArea device_;
   std::vector<std::uint8_t> indirect_scratch_;
+  std::vector<TranslateError>* dry_run_ = nullptr;  // collect_misses() in progress
+  ChainBatch scratch_;
   bool pending_used_from_ring_ = false;     // read used->idx once the ring maps
   std::optional<TranslateError> last_miss_;  // why the rings could not be mapped
   std::uint16_t avail_shadow_ = 0;           // split: last avail->idx read

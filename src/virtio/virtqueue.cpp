@@ -248,9 +248,41 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::add_buffer(ChainBatch& 
       room *= 4;
       continue;
     }
-    if (e.code == TranslateErrc::iotlb_miss) return WalkResult{false, e};
+    if (e.code == TranslateErrc::iotlb_miss) {
+      if (dry_run_ == nullptr) return WalkResult{false, e};
+      if (e.report_miss) dry_run_->push_back(e);
+      // Look-ahead: the rest of this buffer and chain may miss other pages too.
+      std::uint64_t next = (e.addr.value | (kPageSize - 1)) + 1;
+      std::uint64_t end = addr + len;
+      if (next <= e.addr.value || next >= end) return WalkResult{true, std::nullopt};
+      len = static_cast<std::uint32_t>(end - next);
+      addr = next;
+      continue;
+    }
     return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
   }
+}
+
+std::size_t Virtqueue::collect_misses(std::vector<TranslateError>& out, std::size_t max_chains) {
+  std::size_t before = out.size();
+  if (auto m = ensure_mapped(); !m) {
+    if (last_miss_ && last_miss_->report_miss) out.push_back(*last_miss_);
+    return out.size() - before;
+  }
+  RingState saved_state = state_;
+  std::uint32_t saved_in_flight = in_flight_;
+  std::optional<VirtqueueError> saved_broken = broken_;
+  dry_run_ = &out;
+  scratch_.clear();
+  (void)(config_.format == RingFormat::packed ? pop_packed(scratch_, max_chains)
+                                              : pop_split(scratch_, max_chains));
+  dry_run_ = nullptr;
+  scratch_.clear();
+  // A malformed chain is reported by the real pop, not by the look-ahead.
+  state_ = saved_state;
+  in_flight_ = saved_in_flight;
+  broken_ = saved_broken;
+  return out.size() - before;
 }
 
 Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
@@ -268,7 +300,11 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
   // memory past the table's end, and sees one consistent table.
   indirect_scratch_.resize(len);
   if (auto r = tr_.read(Iova(addr), indirect_scratch_); !r) {
-    if (r.error().code == TranslateErrc::iotlb_miss) return WalkResult{false, r.error()};
+    if (r.error().code == TranslateErrc::iotlb_miss) {
+      if (dry_run_ == nullptr) return WalkResult{false, r.error()};
+      if (r.error().report_miss) dry_run_->push_back(r.error());
+      return WalkResult{true, std::nullopt};  // cannot look inside a missing table
+    }
     return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
   }
   const std::uint8_t* table = indirect_scratch_.data();

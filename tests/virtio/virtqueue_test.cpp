@@ -319,6 +319,31 @@ TEST_F(QueueTest, MissIsDeferredThenProcessedExactlyOnce) {
   EXPECT_EQ(vq->pop(batch, 16)->popped, 0u);
 }
 
+TEST_F(QueueTest, LookAheadCollectsEveryMissingPageAtOnce) {
+  space.set_iommu(true);
+  ASSERT_TRUE(space.iotlb_update(Iova(kIovaBase + kBase), 0x3000, Gpa(kBase), Access::read_write));
+  ASSERT_TRUE(vq->start(split_config(true, false, true)));
+  // Three chains; the first needs two pages, the others one each, none mapped.
+  desc(0, kIovaBase + kBuf + 0x800, 0x1000, kDescFWrite);
+  desc(1, kIovaBase + kBuf + 0x4000, 16, 0);
+  desc(2, kIovaBase + kBuf + 0x4008, 16, 0);  // same page as chain 1: requested once
+  desc(3, kIovaBase + kBuf + 0x9000, 16, 0);
+  for (std::uint16_t k = 0; k < 4; ++k) offer(k, k);
+  std::vector<TranslateError> misses;
+  EXPECT_EQ(vq->collect_misses(misses, 16), 4u);
+  std::vector<std::uint64_t> pages;
+  for (auto& m : misses) pages.push_back(m.addr.value & ~0xfffULL);
+  EXPECT_EQ(pages, (std::vector<std::uint64_t>{kIovaBase + kBuf, kIovaBase + kBuf + 0x1000,
+                                               kIovaBase + kBuf + 0x4000, kIovaBase + kBuf + 0x9000}));
+  EXPECT_EQ(vq->state().avail_idx, 0);  // nothing consumed
+  EXPECT_EQ(vq->in_flight(), 0u);
+  auto r = vq->pop(batch, 16);  // still deferred, and already reported
+  ASSERT_TRUE(r->deferred);
+  EXPECT_FALSE(r->deferred->report_miss);
+  ASSERT_TRUE(space.iotlb_update(Iova(kIovaBase + kBuf), 0x10000, Gpa(kBuf), Access::read_write));
+  EXPECT_EQ(vq->pop(batch, 16)->popped, 4u);
+}
+
 TEST_F(QueueTest, UnmappedRingUnderIommuIsDeferred) {
   space.set_iommu(true);
   ASSERT_TRUE(vq->start(split_config(true, false, true)));

@@ -1,0 +1,64 @@
+// vhostkit/vhost_user/device.h: what a device plugs into the backend server.
+//
+// Concepts
+//   Device      a virtio device implementation (net, blk, test devices). The server
+//               owns the protocol; the device supplies its feature bits, its number of
+//               queues, its config space, and the work done on a queue. Everything a
+//               device touches in guest memory goes through the Virtqueue it is handed,
+//               so translation and dirty logging are never the device's business.
+//   process()   called on the queue's worker thread whenever the queue may have work
+//               (after a kick, or continuously in poll mode). It pops, does its work and
+//               pushes; it reports whether it made progress and whether the driver must
+//               be notified. It must not block for long: the server's control thread
+//               waits for it at a quiescent point (GET_VRING_BASE, memory changes).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vhostkit/translate.h"
+#include "vhostkit/virtqueue.h"
+
+namespace vhostkit {
+
+struct QueueWork {
+  bool progress = false;  // popped or pushed anything
+  bool notify = false;    // signal the queue's call eventfd
+  std::optional<TranslateError> deferred;  // stopped at an IOTLB miss (IOMMU on)
+  std::optional<VirtqueueError> error;     // the queue broke
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+
+  // A short name for log lines ("net0", "blk0").
+  [[nodiscard]] virtual std::string name() const = 0;
+  // Device-type feature bits offered, without ring or transport bits (the server adds
+  // VERSION_1, ACCESS_PLATFORM, RING_PACKED, EVENT_IDX, INDIRECT_DESC, LOG_ALL, ...).
+  [[nodiscard]] virtual std::uint64_t device_features() const = 0;
+  // Number of virtqueues (VHOST_USER_GET_QUEUE_NUM).
+  [[nodiscard]] virtual std::uint32_t num_queues() const = 0;
+  // The device config space (GET_CONFIG); empty if the device has none.
+  [[nodiscard]] virtual std::vector<std::uint8_t> config() const { return {}; }
+  // SET_CONFIG: a write to the config space. False if refused.
+  [[nodiscard]] virtual bool set_config(std::uint32_t /*offset*/,
+                                        std::span<const std::uint8_t> /*data*/) {
+    return false;
+  }
+  // The features the driver accepted (SET_FEATURES), before any queue starts.
+  virtual void set_features(std::uint64_t /*features*/) {}
+  // Does the queue's work. Runs on the queue's worker thread.
+  virtual QueueWork process(std::uint32_t queue, Virtqueue& vq) = 0;
+  // A queue started (on the control thread, before its worker runs).
+  virtual void queue_started(std::uint32_t /*queue*/) {}
+  // A queue stopped; its worker has finished (on the control thread).
+  virtual void queue_stopped(std::uint32_t /*queue*/) {}
+  // RESET_DEVICE / disconnect: forget all device state.
+  virtual void reset() {}
+};
+
+}  // namespace vhostkit

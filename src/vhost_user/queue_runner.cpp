@@ -1,0 +1,142 @@
+// QueueRunner: the worker thread of one virtqueue.
+#include "vhostkit/vhost_user/queue_runner.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "vhostkit/log.h"
+
+namespace vhostkit {
+
+namespace {
+void drain(int fd) {
+  std::uint64_t v;
+  while (::read(fd, &v, sizeof v) == sizeof v) {
+  }
+}
+}  // namespace
+
+QueueRunner::QueueRunner(std::uint32_t index, AddressSpace& space, Device& device,
+                         RunnerOptions options, MissSink on_miss, ErrorSink on_error)
+    : index_(index),
+      space_(space),
+      device_(device),
+      options_(options),
+      on_miss_(std::move(on_miss)),
+      on_error_(std::move(on_error)),
+      vq_(space),
+      wake_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+
+QueueRunner::~QueueRunner() { (void)stop(); }
+
+Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const RingState& state,
+                                                bool used_from_ring, UniqueFd kick) {
+  (void)stop();
+  if (auto r = vq_.start(config, state, used_from_ring); !r) return r;
+  kick_ = std::move(kick);
+  if (kick_.valid()) {
+    int flags = ::fcntl(kick_.get(), F_GETFL);
+    if (flags >= 0) (void)::fcntl(kick_.get(), F_SETFL, flags | O_NONBLOCK);
+  }
+  stop_.store(false, std::memory_order_relaxed);
+  drain(wake_.get());
+  device_.queue_started(index_);
+  worker_ = std::thread([this] { run(); });
+  return {};
+}
+
+RingState QueueRunner::stop() {
+  if (!worker_.joinable()) return vq_.state();
+  stop_.store(true, std::memory_order_release);
+  wake();
+  worker_.join();
+  device_.queue_stopped(index_);
+  kick_.reset();
+  return vq_.stop();
+}
+
+void QueueRunner::set_call(UniqueFd call) {
+  std::lock_guard lock(call_mu_);
+  call_ = std::move(call);
+}
+
+void QueueRunner::set_enabled(bool enabled) {
+  enabled_.store(enabled, std::memory_order_relaxed);
+  wake();
+}
+
+void QueueRunner::wake() {
+  std::uint64_t one = 1;
+  (void)!::write(wake_.get(), &one, sizeof one);
+}
+
+void QueueRunner::notify() {
+  std::lock_guard lock(call_mu_);
+  if (!call_.valid()) return;
+  std::uint64_t one = 1;
+  if (::write(call_.get(), &one, sizeof one) == sizeof one)
+    notifications_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void QueueRunner::wait(bool for_kick, std::chrono::milliseconds timeout) {
+  pollfd fds[2] = {{wake_.get(), POLLIN, 0}, {kick_.get(), POLLIN, 0}};
+  nfds_t n = (for_kick && kick_.valid()) ? 2 : 1;
+  int ms = timeout.count() < 0 ? -1 : static_cast<int>(timeout.count());
+  int r = ::poll(fds, n, ms);
+  if (r > 0) {
+    if (fds[0].revents & POLLIN) drain(wake_.get());
+    if (n == 2 && (fds[1].revents & POLLIN)) drain(kick_.get());
+  }
+}
+
+void QueueRunner::run() {
+  bool poll_mode = options_.poll || !kick_.valid();
+  bool kicks_enabled = true;  // the ring starts with kicks requested
+  while (!stop_.load(std::memory_order_acquire)) {
+    if (!enabled_.load(std::memory_order_relaxed) || vq_.broken()) {
+      wait(false, std::chrono::milliseconds(-1));
+      continue;
+    }
+    vq_.begin_burst();
+    QueueWork w = device_.process(index_, vq_);
+    if (auto r = vq_.end_burst(); !r)
+      log(LogLevel::warn, "{} queue {}: {}", device_.name(), index_, r.error().message());
+    if (w.notify) notify();
+    if (w.error) {
+      if (on_error_) on_error_(index_, *w.error);
+      continue;  // broken: the loop above sleeps until stopped
+    }
+    if (w.deferred) {
+      // Request every missing page of every waiting chain in one burst, not one round
+      // trip per chain.
+      misses_.clear();
+      if (w.deferred->report_miss) misses_.push_back(*w.deferred);
+      (void)vq_.collect_misses(misses_, 256);
+      if (on_miss_)
+        for (const auto& m : misses_) on_miss_(index_, m);
+      wait(false, options_.miss_retry);
+      continue;
+    }
+    if (w.progress) {
+      if (kicks_enabled && !poll_mode) {
+        // While there is work, the driver need not kick us.
+        (void)vq_.set_kick_enabled(false);
+        kicks_enabled = false;
+      }
+      continue;
+    }
+    if (poll_mode) {
+      std::this_thread::yield();
+      continue;
+    }
+    // Idle: ask for kicks, then re-check so a buffer added meanwhile is not missed.
+    auto more = vq_.set_kick_enabled(true);
+    kicks_enabled = true;
+    if (more && *more) continue;
+    wait(true, std::chrono::milliseconds(-1));
+  }
+}
+
+}  // namespace vhostkit
