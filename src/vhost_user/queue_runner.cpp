@@ -21,7 +21,6 @@ void drain(int fd) {
 QueueRunner::QueueRunner(std::uint32_t index, AddressSpace& space, Device& device,
                          RunnerOptions options, MissSink on_miss, ErrorSink on_error)
     : index_(index),
-      space_(space),
       device_(device),
       options_(options),
       on_miss_(std::move(on_miss)),

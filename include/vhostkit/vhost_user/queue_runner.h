@@ -75,7 +75,6 @@ class QueueRunner {
   void wait(bool for_kick, std::chrono::milliseconds timeout);
 
   std::uint32_t index_;
-  AddressSpace& space_;
   Device& device_;
   RunnerOptions options_;
   MissSink on_miss_;
