@@ -139,11 +139,13 @@ class MemorySnapshot {
   template <typename Fn>
   void for_each_alias(Gpa gpa, std::uint64_t len, Fn&& fn) const {
     if (aliases_.empty()) return;
+    // Every alias whose range intersects [gpa, gpa + len), not only those containing
+    // gpa: a write may start before an aliased part of its region.
     for (const auto& a : aliases_) {
-      if (gpa < a.from || gpa - a.from >= a.len) continue;
-      std::uint64_t off = gpa - a.from;
-      std::uint64_t n = std::min(len, a.len - off);
-      fn(a.to + off, n);
+      std::uint64_t lo = std::max(gpa.value, a.from.value);
+      std::uint64_t hi = std::min(gpa.value + len, a.from.value + a.len);
+      if (lo >= hi) continue;
+      fn(a.to + (lo - a.from.value), hi - lo);
     }
   }
 

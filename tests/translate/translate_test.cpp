@@ -256,6 +256,13 @@ TEST(TranslateAlias, WriteMarksEveryAlias) {
   auto log = space.log();
   EXPECT_TRUE(log->test((kMiB + 0x5000) / 4096));
   EXPECT_TRUE(log->test((16 * kMiB + 0x5000) / 4096));
+  // A write that starts before the aliased part of its region and ends inside it.
+  std::fill(bits.begin(), bits.end(), 0);
+  std::vector<std::uint8_t> span_data(0x3000, 7);
+  ASSERT_TRUE(t.write(Iova(kMiB - 0x2000), span_data));
+  ASSERT_TRUE(t.flush_log());
+  EXPECT_TRUE(log->test((16 * kMiB) / 4096));
+  EXPECT_FALSE(log->test((16 * kMiB - 0x1000) / 4096));
   // And through the other alias.
   ASSERT_TRUE(t.write(Iova(16 * kMiB + 0x9000), data));
   ASSERT_TRUE(t.flush_log());
