@@ -112,7 +112,18 @@ class DirtyLogBatch {
 
   // Records [gpa, gpa + len) as dirty; flushes first when the cache is full.
   // REQUIRES: len > 0.
-  [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len);
+  [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
+    // Fast path, inline: the range falls in the word the previous mark used.
+    if (n_ > 0 && len > 0 && gpa.value + len > gpa.value) {
+      std::uint64_t first = gpa.page();
+      std::uint64_t last = (gpa.value + len - 1) >> 12;
+      if (first / 64 == words_[n_ - 1] && last / 64 == words_[n_ - 1]) {
+        masks_[n_ - 1] |= (~0ULL >> (63 - last % 64)) & (~0ULL << (first % 64));
+        return {};
+      }
+    }
+    return mark_slow(log, gpa, len);
+  }
 
   // Writes every cached word to the log and empties the cache. Returns the first
   // out-of-range error, if any (all in-range words are written regardless).
@@ -122,6 +133,7 @@ class DirtyLogBatch {
 
  private:
   Result<void, DirtyLogError> add(DirtyLog& log, std::uint64_t word, std::uint64_t mask);
+  Result<void, DirtyLogError> mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len);
 
   std::uint64_t words_[kWords] = {};
   std::uint64_t masks_[kWords] = {};

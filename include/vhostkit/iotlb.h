@@ -24,8 +24,9 @@
 //                the miss times out.
 //
 // Thread safety: lookups may run on any number of data-path threads concurrently with
-// one control thread doing updates; a reader-writer lock protects the entries and is
-// held by a writer only for one update (O(log n + 64) work, or O(n) for flush).
+// one control thread doing updates; a reader-writer spinlock (one atomic add per
+// lookup) protects the entries and is held by a writer only for one update
+// (O(log n + 128) work, or O(n) for a flush).
 // generation() changes on every modification and is a single atomic load.
 #pragma once
 
@@ -41,6 +42,7 @@
 #include <vector>
 
 #include "vhostkit/memory.h"
+#include "vhostkit/rw_spinlock.h"
 #include "vhostkit/types.h"
 
 namespace vhostkit {
@@ -139,7 +141,7 @@ class DeviceIotlb {
   void bump();
 
   IotlbLimits limits_;
-  mutable std::shared_mutex mu_;  // guards store_ and snapshot_
+  mutable RwSpinLock mu_;  // guards store_ and snapshot_
   std::unique_ptr<Store> store_;
   std::shared_ptr<const MemorySnapshot> snapshot_;
   std::atomic<std::uint64_t> generation_{1};

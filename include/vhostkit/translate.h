@@ -159,7 +159,18 @@ class Translator {
   // merged. REQUIRES: len > 0.
   [[nodiscard]] Result<std::size_t, TranslateError> translate(Iova addr, std::uint64_t len,
                                                               Access access,
-                                                              std::span<Segment> out);
+                                                              std::span<Segment> out) {
+    // Fast path, inline: the most recently used cache entry covers the whole range.
+    const Chunk& c = cache_[mru_];
+    std::uint64_t off = addr.value - c.start;
+    if (space_.generation_.load(std::memory_order_acquire) == generation_ && off < c.len &&
+        len - 1 < c.len - off && permits(c.perm, access) && !out.empty()) {
+      ++hits_;
+      out[0] = Segment{c.host + off, c.gpa + off, len};
+      return std::size_t{1};
+    }
+    return translate_slow(addr, len, access, out);
+  }
 
   // Copies guest memory at addr into dst.
   [[nodiscard]] Result<void, TranslateError> read(Iova addr, std::span<std::uint8_t> dst);
@@ -202,6 +213,8 @@ class Translator {
   }
   void refresh();
   Result<Chunk, TranslateError> resolve(std::uint64_t addr, std::uint64_t len, Access access);
+  Result<std::size_t, TranslateError> translate_slow(Iova addr, std::uint64_t len, Access access,
+                                                     std::span<Segment> out);
   Result<void, TranslateError> log_range(Gpa gpa, std::uint64_t len);
 
   AddressSpace& space_;
@@ -211,6 +224,7 @@ class Translator {
   std::atomic<std::uint64_t> active_{0};  // generation seen in the current burst, 0 = idle
   Chunk cache_[kCacheEntries];
   std::size_t next_victim_ = 0;
+  std::size_t mru_ = 0;  // the cache entry that served the last lookup
   DirtyLogBatch batch_;
   std::uint64_t hits_ = 0;
   std::uint64_t misses_ = 0;

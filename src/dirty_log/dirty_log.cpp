@@ -144,7 +144,12 @@ Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word
   // Most bursts touch few words: scan from the newest, the likeliest hit.
   for (std::size_t i = n_; i-- > 0;) {
     if (words_[i] == word) {
-      masks_[i] |= mask;
+      // Keep the word just used last: the inline fast path in mark() looks there.
+      std::uint64_t m = masks_[i] | mask;
+      words_[i] = words_[n_ - 1];
+      masks_[i] = masks_[n_ - 1];
+      words_[n_ - 1] = word;
+      masks_[n_ - 1] = m;
       return {};
     }
   }
@@ -156,7 +161,7 @@ Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word
   return r;
 }
 
-Result<void, DirtyLogError> DirtyLogBatch::mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
+Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len) {
   std::uint64_t last_byte = gpa.checked_end(len) ? gpa.value + (len - 1) : ~0ULL;
   std::uint64_t p = gpa.page();
   std::uint64_t last = last_byte >> 12;

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include "vhostkit/detail/sorted_search.h"
 #include "vhostkit/iotlb.h"
 
 namespace vhostkit {
@@ -54,26 +55,33 @@ IotlbEntry trimmed(const IotlbEntry& e, std::uint64_t lo, std::uint64_t last) {
 }
 }  // namespace
 
+using detail::count_le;
+
 struct DeviceIotlb::Store {
-  std::vector<std::vector<Slot>> blocks;  // non-empty, sorted, in IOVA order
-  std::vector<std::uint64_t> firsts;      // blocks[i].front().e.iova
+  // A block keeps its IOVAs in a separate dense array: the search touches 8-byte keys
+  // only, and one slot at the end.
+  struct Block {
+    std::vector<std::uint64_t> keys;  // slots[i].e.iova
+    std::vector<Slot> slots;
+  };
+  std::vector<Block> blocks;         // non-empty, sorted, in IOVA order
+  std::vector<std::uint64_t> firsts;  // blocks[i].keys.front()
   std::size_t count = 0;
   std::deque<std::pair<std::uint64_t, std::uint64_t>> fifo;  // (seq, iova) oldest first
   std::uint64_t next_seq = 0;
 
   std::size_t block_for(std::uint64_t key) const {
-    auto it = std::upper_bound(firsts.begin(), firsts.end(), key);
-    return it == firsts.begin() ? 0 : static_cast<std::size_t>(it - firsts.begin()) - 1;
+    std::size_t n = count_le(firsts.data(), firsts.size(), key);
+    return n == 0 ? 0 : n - 1;
   }
 
   const Slot* find(std::uint64_t key) const {
     if (blocks.empty()) return nullptr;
-    const auto& b = blocks[block_for(key)];
-    auto it = std::upper_bound(b.begin(), b.end(), key,
-                               [](std::uint64_t k, const Slot& s) { return k < s.e.iova.value; });
-    if (it == b.begin()) return nullptr;
-    --it;
-    return key - it->e.iova.value < it->e.size ? &*it : nullptr;
+    const Block& b = blocks[block_for(key)];
+    std::size_t n = count_le(b.keys.data(), b.keys.size(), key);
+    if (n == 0) return nullptr;
+    const Slot& s = b.slots[n - 1];
+    return key - s.e.iova.value < s.e.size ? &s : nullptr;
   }
 
   void insert(const IotlbEntry& e) {  // REQUIRES: e overlaps no entry
@@ -82,20 +90,23 @@ struct DeviceIotlb::Store {
     fifo.emplace_back(s.seq, key);
     ++count;
     if (blocks.empty()) {
-      blocks.push_back({s});
+      blocks.push_back(Block{{key}, {s}});
       firsts.push_back(key);
       return;
     }
     std::size_t bi = block_for(key);
-    auto& b = blocks[bi];
-    auto pos = std::upper_bound(b.begin(), b.end(), key,
-                                [](std::uint64_t k, const Slot& x) { return k < x.e.iova.value; });
-    b.insert(pos, s);
-    firsts[bi] = b.front().e.iova.value;
-    if (b.size() >= 2 * kBlock) {
-      std::vector<Slot> upper(b.begin() + kBlock, b.end());
-      b.resize(kBlock);
-      firsts.insert(firsts.begin() + static_cast<std::ptrdiff_t>(bi) + 1, upper.front().e.iova.value);
+    Block& b = blocks[bi];
+    std::size_t pos = count_le(b.keys.data(), b.keys.size(), key);
+    b.keys.insert(b.keys.begin() + static_cast<std::ptrdiff_t>(pos), key);
+    b.slots.insert(b.slots.begin() + static_cast<std::ptrdiff_t>(pos), s);
+    firsts[bi] = b.keys.front();
+    if (b.keys.size() >= 2 * kBlock) {
+      Block upper;
+      upper.keys.assign(b.keys.begin() + kBlock, b.keys.end());
+      upper.slots.assign(b.slots.begin() + kBlock, b.slots.end());
+      b.keys.resize(kBlock);
+      b.slots.resize(kBlock);
+      firsts.insert(firsts.begin() + static_cast<std::ptrdiff_t>(bi) + 1, upper.keys.front());
       blocks.insert(blocks.begin() + static_cast<std::ptrdiff_t>(bi) + 1, std::move(upper));
     }
   }
@@ -107,25 +118,28 @@ struct DeviceIotlb::Store {
     // Entries do not overlap, so ends are sorted like starts, and nothing in an
     // earlier block can reach lo.
     for (std::size_t bi = block_for(lo); bi < blocks.size(); ++bi) {
-      auto& b = blocks[bi];
-      auto i = std::partition_point(b.begin(), b.end(),
-                                    [lo](const Slot& s) { return last_of(s.e) < lo; });
-      auto j = std::partition_point(i, b.end(),
-                                    [last](const Slot& s) { return s.e.iova.value <= last; });
-      bool more = j == b.end();
+      Block& b = blocks[bi];
+      auto i = std::partition_point(b.slots.begin(), b.slots.end(),
+                                    [lo](const Slot& x) { return last_of(x.e) < lo; });
+      auto j = std::partition_point(i, b.slots.end(),
+                                    [last](const Slot& x) { return x.e.iova.value <= last; });
+      bool more = j == b.slots.end();
+      auto ki = b.keys.begin() + (i - b.slots.begin());
+      auto kj = b.keys.begin() + (j - b.slots.begin());
       removed.insert(removed.end(), i, j);
       count -= static_cast<std::size_t>(j - i);
-      b.erase(i, j);
-      if (b.empty())
+      b.slots.erase(i, j);
+      b.keys.erase(ki, kj);
+      if (b.keys.empty())
         emptied = true;
       else
-        firsts[bi] = b.front().e.iova.value;
+        firsts[bi] = b.keys.front();
       if (!more) break;
     }
     if (emptied) {
       std::size_t w = 0;
       for (std::size_t r = 0; r < blocks.size(); ++r) {
-        if (blocks[r].empty()) continue;
+        if (blocks[r].keys.empty()) continue;
         if (w != r) blocks[w] = std::move(blocks[r]);
         firsts[w] = firsts[r];
         ++w;
@@ -153,7 +167,7 @@ struct DeviceIotlb::Store {
     std::vector<std::pair<std::uint64_t, std::uint64_t>> live;
     live.reserve(count);
     for (const auto& b : blocks)
-      for (const auto& s : b) live.emplace_back(s.seq, s.e.iova.value);
+      for (const auto& x : b.slots) live.emplace_back(x.seq, x.e.iova.value);
     std::sort(live.begin(), live.end());
     fifo.assign(live.begin(), live.end());
   }
@@ -333,7 +347,7 @@ std::vector<IotlbEntry> DeviceIotlb::entries() const {
   std::vector<IotlbEntry> out;
   out.reserve(store_->count);
   for (const auto& b : store_->blocks)
-    for (const auto& s : b) out.push_back(s.e);
+    for (const auto& x : b.slots) out.push_back(x.e);
   return out;
 }
 

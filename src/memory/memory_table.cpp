@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "vhostkit/detail/sorted_search.h"
 #include "vhostkit/memory.h"
 
 namespace vhostkit {
@@ -172,9 +173,9 @@ Result<void, MemoryError> validate_region(const RegionSpec& spec) {
 }
 
 const Region* MemorySnapshot::find(Gpa gpa) const {
-  auto it = std::upper_bound(starts_.begin(), starts_.end(), gpa.value);
-  if (it == starts_.begin()) return nullptr;
-  const Region& r = regions_[static_cast<std::size_t>(it - starts_.begin()) - 1];
+  std::size_t n = detail::count_le(starts_.data(), starts_.size(), gpa.value);
+  if (n == 0) return nullptr;
+  const Region& r = regions_[n - 1];
   return r.contains(gpa) ? &r : nullptr;
 }
 

@@ -215,11 +215,13 @@ Result<void, TranslateError> Translator::end_burst() {
 Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr,
                                                               std::uint64_t len,
                                                               Access access) {
-  for (const Chunk& c : cache_) {
+  for (std::size_t i = 0; i < kCacheEntries; ++i) {
+    const Chunk& c = cache_[i];
     if (addr - c.start < c.len) {
       if (!permits(c.perm, access))
         return unexpected(TranslateError{TranslateErrc::permission_denied, Iova(addr), len, access});
       ++hits_;
+      mru_ = i;
       return c;
     }
   }
@@ -248,13 +250,14 @@ Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr
       return unexpected(TranslateError{TranslateErrc::permission_denied, Iova(addr), len, access});
   }
   cache_[next_victim_] = c;
+  mru_ = next_victim_;
   next_victim_ = (next_victim_ + 1) % kCacheEntries;
   return c;
 }
 
-Result<std::size_t, TranslateError> Translator::translate(Iova addr, std::uint64_t len,
-                                                          Access access,
-                                                          std::span<Segment> out) {
+Result<std::size_t, TranslateError> Translator::translate_slow(Iova addr, std::uint64_t len,
+                                                               Access access,
+                                                               std::span<Segment> out) {
   check_generation();
   if (!addr.checked_end(len))
     return unexpected(TranslateError{TranslateErrc::range_overflow, addr, len, access});
