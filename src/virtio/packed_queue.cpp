@@ -49,6 +49,7 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_packed(ChainBatch& out, std::si
       if (d.flags & kDescFIndirect) {
         if (d.flags & kDescFNext)
           return unexpected(fail(VirtqueueError{VirtqueueErrc::indirect_with_next, pos, d.addr}));
+        --count;  // the limit counts buffers: the table pointer itself is not one
         auto r = walk_indirect(out, chain, d.addr, d.len, seen_writable, count);
         if (!r) return unexpected(r.error());
         walk = *r;

@@ -40,6 +40,7 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_split(ChainBatch& out, std::siz
       if (d.flags & kDescFIndirect) {
         if (d.flags & kDescFNext)
           return unexpected(fail(VirtqueueError{VirtqueueErrc::indirect_with_next, i, d.addr}));
+        --count;  // the limit counts buffers: the table pointer itself is not one
         auto r = walk_indirect(out, chain, d.addr, d.len, seen_writable, count);
         if (!r) return unexpected(r.error());
         walk = *r;
