@@ -179,7 +179,11 @@ class Translator {
   [[nodiscard]] Result<void, TranslateError> write(Iova addr, std::span<const std::uint8_t> src);
 
   // Logs a segment the caller wrote directly (at its gpa and every alias).
-  [[nodiscard]] Result<void, TranslateError> log_write(const Segment& seg);
+  [[nodiscard]] Result<void, TranslateError> log_write(const Segment& seg) {
+    check_generation();
+    if (!state_.logging || !state_.log) return {};  // inline: free when logging is off
+    return log_range(seg.gpa, seg.len);
+  }
   // Writes batched dirty bits to the shared log.
   [[nodiscard]] Result<void, TranslateError> flush_log();
 

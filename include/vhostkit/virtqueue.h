@@ -224,7 +224,14 @@ class Virtqueue {
     Segment segs[kMaxSegments];
     std::size_t n = 0;
     // Host pointer and segment for [off, off + size), or nullptr if it straddles.
-    HostPtr at(std::uint64_t off, std::uint64_t size, Segment* seg = nullptr) const;
+    HostPtr at(std::uint64_t off, std::uint64_t size, Segment* seg = nullptr) const {
+      if (n == 1) {  // the common case: the whole area is one host range
+        if (seg != nullptr) *seg = Segment{segs[0].host + off, segs[0].gpa + off, size};
+        return segs[0].host + off;
+      }
+      return at_slow(off, size, seg);
+    }
+    HostPtr at_slow(std::uint64_t off, std::uint64_t size, Segment* seg) const;
   };
 
   Result<void, VirtqueueError> ensure_mapped();
@@ -234,17 +241,13 @@ class Virtqueue {
   VirtqueueError fail(VirtqueueError e);
   Result<void, VirtqueueError> log_ring(const RingArea& area, std::uint64_t off, std::uint64_t len);
 
-  // Chain walking: appends the chain's segments; returns false (with deferred set) when
-  // a buffer translation is missing.
-  struct WalkResult {
-    bool complete = false;
-    std::optional<TranslateError> deferred;
-  };
-  Result<WalkResult, VirtqueueError> add_buffer(ChainBatch& out, DescChain& chain, std::uint64_t addr,
-                                                std::uint32_t len, bool writable, bool& seen_writable);
-  Result<WalkResult, VirtqueueError> walk_indirect(ChainBatch& out, DescChain& chain, std::uint64_t addr,
-                                                   std::uint32_t len, bool& seen_writable,
-                                                   std::uint32_t& count);
+  // Chain walking: appends the chain's segments. true: the buffer (or table) was
+  // added; false: its translation is missing (IOMMU on) and deferred_ says where.
+  Result<bool, VirtqueueError> add_buffer(ChainBatch& out, DescChain& chain, std::uint64_t addr,
+                                          std::uint32_t len, bool writable, bool& seen_writable);
+  Result<bool, VirtqueueError> walk_indirect(ChainBatch& out, DescChain& chain, std::uint64_t addr,
+                                             std::uint32_t len, bool& seen_writable,
+                                             std::uint32_t& count);
 
   Result<PopResult, VirtqueueError> pop_split(ChainBatch& out, std::size_t max);
   Result<PopResult, VirtqueueError> pop_packed(ChainBatch& out, std::size_t max);
@@ -268,6 +271,7 @@ class Virtqueue {
   RingArea driver_;
   RingArea device_;
   std::vector<std::uint8_t> indirect_scratch_;
+  std::optional<TranslateError> deferred_;  // why the last walk stopped
   std::vector<TranslateError>* dry_run_ = nullptr;  // collect_misses() in progress
   ChainBatch scratch_;
   bool pending_used_from_ring_ = false;     // read used->idx once the ring maps

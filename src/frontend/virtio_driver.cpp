@@ -127,14 +127,14 @@ Result<std::uint16_t, std::string> VirtioDriver::add_split(std::span<const Drive
   bool use_indirect = opt_.indirect && bufs.size() > 1;
   std::size_t k = use_indirect ? 1 : bufs.size();
   const std::uint16_t head = free_list_.back();  // add() checked the list is not empty
-  std::vector<std::uint16_t> ds;
-  ds.reserve(k);
+  std::vector<std::uint16_t>& ds = extra_descs_[head];  // reused: no allocation per chain
+  ds.clear();
   for (std::size_t i = 0; i < k; ++i) {
     ds.push_back(free_list_.back());
     free_list_.pop_back();
   }
   ChainInfo& c = chains_[head];
-  c = ChainInfo{};
+  c.mapped.clear();
   c.live = true;
   c.descs = static_cast<std::uint16_t>(k);
   if (use_indirect) {
@@ -151,9 +151,8 @@ Result<std::uint16_t, std::string> VirtioDriver::add_split(std::span<const Drive
       std::memcpy(desc_ + 16ULL * ds[i], &sd, 16);
     }
   }
-  // Remember the descriptors in driver-private memory: the device may scribble on the
-  // table, the driver must not trust it to free them.
-  extra_descs_[head].assign(ds.begin() + 1, ds.end());
+  // ds stays as the chain's descriptor list in driver-private memory: the device may
+  // scribble on the table, the driver must not trust it to free them.
   store<std::uint16_t>(driver_ + split::avail_ring(avail_idx_ % n), head, std::memory_order_relaxed);
   ++avail_idx_;
   free_count_ = static_cast<std::uint16_t>(free_count_ - k);
@@ -167,7 +166,7 @@ Result<std::uint16_t, std::string> VirtioDriver::add_packed(std::span<const Driv
   std::uint16_t id = free_list_.back();
   free_list_.pop_back();
   ChainInfo& c = chains_[id];
-  c = ChainInfo{};
+  c.mapped.clear();
   c.live = true;
   std::size_t k = use_indirect ? 1 : bufs.size();
   c.descs = static_cast<std::uint16_t>(k);
@@ -255,8 +254,7 @@ void VirtioDriver::release(std::uint16_t id) {
   if (opt_.packed) {
     free_list_.push_back(id);
   } else {
-    free_list_.push_back(id);
-    for (std::uint16_t x : extra_descs_[id]) free_list_.push_back(x);
+    for (std::uint16_t x : extra_descs_[id]) free_list_.push_back(x);  // head included
     extra_descs_[id].clear();
   }
   free_count_ = static_cast<std::uint16_t>(free_count_ + c.descs);

@@ -334,10 +334,6 @@ Result<void, TranslateError> Translator::log_range(Gpa gpa, std::uint64_t len) {
   return result;
 }
 
-Result<void, TranslateError> Translator::log_write(const Segment& seg) {
-  check_generation();
-  return log_range(seg.gpa, seg.len);
-}
 
 Result<void, TranslateError> Translator::flush_log() {
   if (!state_.log || batch_.empty()) return {};

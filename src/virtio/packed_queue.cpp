@@ -35,7 +35,7 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_packed(ChainBatch& out, std::si
     bool seen_writable = false;
     std::uint32_t count = 0;
     std::uint16_t pos = head;
-    WalkResult walk;
+    bool complete = false;
     std::uint16_t ring_descs = 0;
     while (true) {
       if (++count > n || ring_descs >= n)
@@ -52,19 +52,19 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_packed(ChainBatch& out, std::si
         --count;  // the limit counts buffers: the table pointer itself is not one
         auto r = walk_indirect(out, chain, d.addr, d.len, seen_writable, count);
         if (!r) return unexpected(r.error());
-        walk = *r;
+        complete = *r;
         break;
       }
       auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & kDescFWrite) != 0, seen_writable);
       if (!r) return unexpected(r.error());
-      walk = *r;
-      if (!walk.complete || !(d.flags & kDescFNext)) break;
+      complete = *r;
+      if (!complete || !(d.flags & kDescFNext)) break;
       pos = static_cast<std::uint16_t>(pos + 1);
       if (pos >= n) pos = 0;
     }
-    if (!walk.complete) {
+    if (!complete) {
       out.segments_.resize(seg_mark);
-      result.deferred = walk.deferred;
+      result.deferred = deferred_;
       break;
     }
     chain.ring_descs = ring_descs;

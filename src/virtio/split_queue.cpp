@@ -30,7 +30,7 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_split(ChainBatch& out, std::siz
     bool seen_writable = false;
     std::uint32_t count = 0;
     std::uint16_t i = head;
-    WalkResult walk;
+    bool complete = false;
     while (true) {
       if (++count > n)
         return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, head}));
@@ -43,21 +43,21 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_split(ChainBatch& out, std::siz
         --count;  // the limit counts buffers: the table pointer itself is not one
         auto r = walk_indirect(out, chain, d.addr, d.len, seen_writable, count);
         if (!r) return unexpected(r.error());
-        walk = *r;
+        complete = *r;
         break;
       }
       auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & kDescFWrite) != 0, seen_writable);
       if (!r) return unexpected(r.error());
-      walk = *r;
-      if (!walk.complete || !(d.flags & kDescFNext)) break;
+      complete = *r;
+      if (!complete || !(d.flags & kDescFNext)) break;
       if (d.next >= n)
         return unexpected(fail(VirtqueueError{VirtqueueErrc::next_out_of_range, i, d.next}));
       i = d.next;
     }
-    if (!walk.complete) {
+    if (!complete) {
       // Deferred: drop this chain's segments; it stays in the ring for the next pop.
       out.segments_.resize(seg_mark);
-      result.deferred = walk.deferred;
+      result.deferred = deferred_;
       break;
     }
     chain.first_writable = chain.first_readable + chain.n_readable;
@@ -80,8 +80,18 @@ Result<bool, VirtqueueError> Virtqueue::push_split(std::span<const Completion> d
     if (p == nullptr) return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, idx}));
     detail::store<std::uint32_t>(p, c.id, std::memory_order_relaxed);
     detail::store<std::uint32_t>(p + 4, c.len, std::memory_order_relaxed);
-    if (auto r = log_ring(device_, off, sizeof(UsedElem)); !r) return unexpected(fail(r.error()));
     ++idx;
+  }
+  // Log the used elements written: one contiguous run of the ring, or two if it wrapped.
+  if (tr_.logging()) {
+    std::uint32_t first = old_used % n;
+    std::uint32_t count = static_cast<std::uint32_t>(done.size());
+    std::uint32_t run = std::min(count, n - first);
+    if (auto r = log_ring(device_, split::used_ring(first), 8ULL * run); !r)
+      return unexpected(fail(r.error()));
+    if (run < count)
+      if (auto r = log_ring(device_, split::used_ring(0), 8ULL * (count - run)); !r)
+        return unexpected(fail(r.error()));
   }
   // Release: the used elements (and the buffer data before them) become visible to the
   // driver no later than the new index.

@@ -37,11 +37,7 @@ std::string VirtqueueError::message() const {
   return fmt::format("{} (index {}, address {:#x})", to_string(code), index, addr);
 }
 
-HostPtr Virtqueue::RingArea::at(std::uint64_t off, std::uint64_t size, Segment* seg) const {
-  if (n == 1) {  // the common case: the whole area is one host range
-    if (seg != nullptr) *seg = Segment{segs[0].host + off, segs[0].gpa + off, size};
-    return segs[0].host + off;
-  }
+HostPtr Virtqueue::RingArea::at_slow(std::uint64_t off, std::uint64_t size, Segment* seg) const {
   std::uint64_t base = 0;
   for (std::size_t i = 0; i < n; ++i) {
     if (off < base + segs[i].len) {
@@ -200,15 +196,25 @@ Result<void, VirtqueueError> Virtqueue::ensure_mapped() {
 
 Result<void, VirtqueueError> Virtqueue::log_ring(const RingArea& area, std::uint64_t off,
                                                  std::uint64_t len) {
-  Segment seg;
-  if (area.at(off, len, &seg) == nullptr)
-    return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, off});
-  if (auto r = tr_.log_write(seg); !r)
-    return unexpected(VirtqueueError{VirtqueueErrc::log_failed, 0, r.error().addr.value});
+  // The range may span several of the area's segments (a ring mapped page by page).
+  std::uint64_t base = 0;
+  for (std::size_t i = 0; i < area.n && len > 0; ++i) {
+    const Segment& s = area.segs[i];
+    if (off < base + s.len) {
+      std::uint64_t o = off - base;
+      std::uint64_t take = std::min(len, s.len - o);
+      if (auto r = tr_.log_write(Segment{s.host + o, s.gpa + o, take}); !r)
+        return unexpected(VirtqueueError{VirtqueueErrc::log_failed, 0, r.error().addr.value});
+      off += take;
+      len -= take;
+    }
+    base += s.len;
+  }
+  if (len > 0) return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, off});
   return {};
 }
 
-Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& chain,
+Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& chain,
                                                                     std::uint64_t addr,
                                                                     std::uint32_t len, bool writable,
                                                                     bool& seen_writable) {
@@ -224,37 +230,43 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::add_buffer(ChainBatch& 
       return unexpected(fail(VirtqueueError{VirtqueueErrc::length_overflow, chain.id, addr}));
     chain.readable_len += len;
   }
-  if (len == 0) return WalkResult{true, std::nullopt};
-  // Translate into the batch's segment storage; segments of one buffer are appended
-  // contiguously, and readable ones all precede writable ones in a valid chain.
+  if (len == 0) return true;
+  // Translate into a small local array first (one segment is the common case), then
+  // into growing heap storage if the buffer is fragmented.
   auto& segs = out.segments_;
-  std::size_t base = segs.size();
+  Segment local[4];
+  std::vector<Segment> big;
   std::size_t room = 4;
   while (true) {
-    segs.resize(base + room);
-    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
-                           std::span<Segment>(segs.data() + base, room));
+    std::span<Segment> dst = room == 4 ? std::span<Segment>(local) : std::span<Segment>(big);
+    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read, dst);
     if (n) {
-      segs.resize(base + *n);
+      if (*n == 1)
+        segs.push_back(dst[0]);
+      else
+        segs.insert(segs.end(), dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(*n));
       if (writable)
         chain.n_writable += static_cast<std::uint32_t>(*n);
       else
         chain.n_readable += static_cast<std::uint32_t>(*n);
-      return WalkResult{true, std::nullopt};
+      return true;
     }
-    segs.resize(base);
     const TranslateError& e = n.error();
     if (e.code == TranslateErrc::too_many_segments && room < 4096) {
       room *= 4;
+      big.resize(room);
       continue;
     }
     if (e.code == TranslateErrc::iotlb_miss) {
-      if (dry_run_ == nullptr) return WalkResult{false, e};
+      if (dry_run_ == nullptr) {
+        deferred_ = e;
+        return false;
+      }
       if (e.report_miss) dry_run_->push_back(e);
       // Look-ahead: the rest of this buffer and chain may miss other pages too.
       std::uint64_t next = (e.addr.value | (kPageSize - 1)) + 1;
       std::uint64_t end = addr + len;
-      if (next <= e.addr.value || next >= end) return WalkResult{true, std::nullopt};
+      if (next <= e.addr.value || next >= end) return true;
       len = static_cast<std::uint32_t>(end - next);
       addr = next;
       continue;
@@ -285,7 +297,7 @@ std::size_t Virtqueue::collect_misses(std::vector<TranslateError>& out, std::siz
   return out.size() - before;
 }
 
-Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
+Result<bool, VirtqueueError> Virtqueue::walk_indirect(
     ChainBatch& out, DescChain& chain, std::uint64_t addr, std::uint32_t len, bool& seen_writable,
     std::uint32_t& count) {
   bool packed = config_.format == RingFormat::packed;
@@ -301,9 +313,12 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
   indirect_scratch_.resize(len);
   if (auto r = tr_.read(Iova(addr), indirect_scratch_); !r) {
     if (r.error().code == TranslateErrc::iotlb_miss) {
-      if (dry_run_ == nullptr) return WalkResult{false, r.error()};
+      if (dry_run_ == nullptr) {
+        deferred_ = r.error();
+        return false;
+      }
       if (r.error().report_miss) dry_run_->push_back(r.error());
-      return WalkResult{true, std::nullopt};  // cannot look inside a missing table
+      return true;  // cannot look inside a missing table
     }
     return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
   }
@@ -317,9 +332,9 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
       if (d.flags & virtio::kDescFIndirect)
         return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
       auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
-      if (!r || !r->complete) return r;
+      if (!r || !*r) return r;
     }
-    return WalkResult{true, std::nullopt};
+    return true;
   }
   std::uint32_t i = 0;
   while (true) {
@@ -329,8 +344,8 @@ Result<Virtqueue::WalkResult, VirtqueueError> Virtqueue::walk_indirect(
     if (d.flags & virtio::kDescFIndirect)
       return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
     auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
-    if (!r || !r->complete) return r;
-    if (!(d.flags & virtio::kDescFNext)) return WalkResult{true, std::nullopt};
+    if (!r || !*r) return r;
+    if (!(d.flags & virtio::kDescFNext)) return true;
     if (d.next >= entries)
       return unexpected(fail(VirtqueueError{VirtqueueErrc::next_out_of_range, chain.id, d.next}));
     i = d.next;
