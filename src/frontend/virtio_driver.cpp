@@ -25,7 +25,7 @@ Result<VirtioDriver, std::string> VirtioDriver::create(GuestMemory& memory, Driv
   std::uint32_t n = opt.size;
   if (n == 0 || n > kMaxQueueSize || (!opt.packed && (n & (n - 1)) != 0))
     return unexpected(fmt::format("bad queue size {}", n));
-  VirtioDriver d(memory, opt);
+  VirtioDriver d(opt);
   std::uint64_t desc_len = opt.packed ? packed::desc_ring_size(n) : split::desc_table_size(n);
   std::uint64_t drv_len = opt.packed ? packed::kEventSize : split::avail_size(n);
   std::uint64_t dev_len = opt.packed ? packed::kEventSize : split::used_size(n);

@@ -104,7 +104,7 @@ class VirtioDriver {
     bool live = false;
   };
 
-  VirtioDriver(GuestMemory& memory, DriverOptions options) : mem_(&memory), opt_(options) {}
+  explicit VirtioDriver(DriverOptions options) : opt_(options) {}
   Iova device_addr(Gpa gpa, std::uint64_t len, Access perm, ChainInfo* chain);
   Result<std::uint16_t, std::string> add_split(std::span<const DriverBuffer> buffers);
   Result<std::uint16_t, std::string> add_packed(std::span<const DriverBuffer> buffers);
@@ -114,7 +114,6 @@ class VirtioDriver {
   std::uint64_t write_indirect(std::uint16_t slot, std::span<const DriverBuffer> buffers,
                                ChainInfo& chain);
 
-  GuestMemory* mem_;
   DriverOptions opt_;
   RingAddresses addr_;
   RingGpas gpas_;
