@@ -105,22 +105,37 @@ class DirtyLog {
   std::atomic<std::uint64_t> out_of_range_{0};
 };
 
+namespace detail {
+// kLogBit[i] = bit i; kLogThrough[i] = 2 << i (0 for i = 63), so bits lo..hi of a log
+// word are kLogThrough[hi] - kLogBit[lo]: two loads instead of two variable shifts.
+struct LogMaskTable {
+  std::uint64_t v[64];
+};
+constexpr LogMaskTable make_log_mask_table(unsigned shift) {
+  LogMaskTable t{};
+  for (unsigned i = 0; i < 64; ++i) t.v[i] = i + shift < 64 ? 1ULL << (i + shift) : 0;
+  return t;
+}
+inline constexpr LogMaskTable kLogBit = make_log_mask_table(0);
+inline constexpr LogMaskTable kLogThrough = make_log_mask_table(1);
+}  // namespace detail
+
 // Per-queue write-combining cache in front of a DirtyLog.
 class DirtyLogBatch {
  public:
   static constexpr std::size_t kWords = 16;
 
   // Records [gpa, gpa + len) as dirty; flushes first when the cache is full.
-  // REQUIRES: len > 0.
+  // REQUIRES: len > 0 (a zero length marks nothing).
   [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
-    // Fast path, inline: the range falls in the word the previous mark used.
-    if (n_ > 0 && len > 0 && gpa.value + len > gpa.value) {
-      std::uint64_t first = gpa.page();
-      std::uint64_t last = (gpa.value + len - 1) >> 12;
-      if (first / 64 == words_[n_ - 1] && last / 64 == words_[n_ - 1]) {
-        masks_[n_ - 1] |= (~0ULL >> (63 - last % 64)) & (~0ULL << (first % 64));
-        return {};
-      }
+    // Fast path, inline: the range lies in the current word, the 256 KiB of guest
+    // memory at base_. One branch, no variable shift: d and e are the range's first
+    // and last byte relative to base_ (e < d when len is 0 or gpa + len wraps).
+    std::uint64_t d = gpa.value - base_;
+    std::uint64_t e = d + (len - 1);
+    if (((d | e) < kWordSpan) & (e >= d)) {
+      masks_[n_ - 1] |= detail::kLogThrough.v[e >> 12] - detail::kLogBit.v[d >> 12];
+      return {};
     }
     return mark_slow(log, gpa, len);
   }
@@ -129,15 +144,23 @@ class DirtyLogBatch {
   // out-of-range error, if any (all in-range words are written regardless).
   [[nodiscard]] Result<void, DirtyLogError> flush(DirtyLog& log);
 
-  [[nodiscard]] bool empty() const { return n_ == 0; }
+  // True when no dirty bit is waiting for flush().
+  [[nodiscard]] bool empty() const { return n_ == 1 && masks_[0] == 0; }
 
  private:
+  static constexpr std::uint64_t kWordSpan = 64 * kPageSize;  // guest bytes per log word
+
   Result<void, DirtyLogError> add(DirtyLog& log, std::uint64_t word, std::uint64_t mask);
   Result<void, DirtyLogError> mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len);
 
+  // words_[0, n_) are log word indices, masks_ their pending bits. n_ >= 1 always:
+  // slot n_ - 1 is the current word, the last one marked, and base_ is its first guest
+  // byte (words_[n_ - 1] * kWordSpan). flush() keeps the current word with no bits;
+  // that is the only time a mask is 0 (and then n_ == 1).
   std::uint64_t words_[kWords] = {};
   std::uint64_t masks_[kWords] = {};
-  std::size_t n_ = 0;
+  std::size_t n_ = 1;
+  std::uint64_t base_ = 0;
 };
 
 template <typename Fn>

@@ -154,14 +154,21 @@ Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word
     }
   }
   Result<void, DirtyLogError> r;
-  if (n_ == kWords) r = flush(log);
-  words_[n_] = word;
-  masks_[n_] = mask;
-  ++n_;
+  // A new word takes a slot of its own, unless the current word has no bits (just
+  // after flush()): then it takes the current word's slot.
+  if (masks_[n_ - 1] != 0) {
+    if (n_ == kWords)
+      r = flush(log);  // leaves the one slot without bits
+    else
+      ++n_;
+  }
+  words_[n_ - 1] = word;
+  masks_[n_ - 1] = mask;
   return r;
 }
 
 Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len) {
+  if (len == 0) return {};
   std::uint64_t last_byte = gpa.checked_end(len) ? gpa.value + (len - 1) : ~0ULL;
   std::uint64_t p = gpa.page();
   std::uint64_t last = last_byte >> 12;
@@ -176,14 +183,20 @@ Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std
     if (upto == last) break;
     p = upto + 1;
   }
+  base_ = words_[n_ - 1] * kWordSpan;
   return result;
 }
 
 Result<void, DirtyLogError> DirtyLogBatch::flush(DirtyLog& log) {
   Result<void, DirtyLogError> result;
   for (std::size_t i = 0; i < n_; ++i)
-    if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
-  n_ = 0;
+    if (masks_[i] != 0)
+      if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
+  // Keep the current word, without bits, so that the next burst's marks near it take
+  // the fast path at once.
+  words_[0] = words_[n_ - 1];
+  masks_[0] = 0;
+  n_ = 1;
   return result;
 }
 

@@ -91,6 +91,9 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
       return unexpected(*broken_);
     } else {
       pending_used_from_ring_ = true;
+      // The ring's translation is missing: the miss was recorded now, so make sure the
+      // first pop() still reports it (otherwise it would wait for the miss timeout).
+      if (last_miss_ && last_miss_->report_miss) unreported_miss_ = last_miss_;
     }
   }
   return {};
@@ -112,6 +115,7 @@ void Virtqueue::reset() {
   in_flight_ = 0;
   state_ = RingState{};
   pending_used_from_ring_ = false;
+  unreported_miss_.reset();
   (void)tr_.flush_log();
 }
 
@@ -357,10 +361,14 @@ Result<PopResult, VirtqueueError> Virtqueue::pop(ChainBatch& out, std::size_t ma
     if (last_miss_ && !broken_) {
       PopResult r;
       r.deferred = last_miss_;
+      if (unreported_miss_ && unreported_miss_->addr.page() == last_miss_->addr.page())
+        r.deferred->report_miss = true;
+      unreported_miss_.reset();
       return r;
     }
     return unexpected(m.error());
   }
+  unreported_miss_.reset();
   return config_.format == RingFormat::packed ? pop_packed(out, max) : pop_split(out, max);
 }
 

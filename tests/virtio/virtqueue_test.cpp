@@ -351,6 +351,8 @@ TEST_F(QueueTest, UnmappedRingUnderIommuIsDeferred) {
   ASSERT_TRUE(r);
   ASSERT_TRUE(r->deferred);
   EXPECT_EQ(r->deferred->addr, Iova(kIovaBase + kDesc));
+  // start() met the miss first; the first pop must still ask for it.
+  EXPECT_TRUE(r->deferred->report_miss);
   map_all_iova();
   desc(0, kIovaBase + kBuf, 64, 0);
   offer(0, 0);
