@@ -45,7 +45,9 @@ class RwSpinLock {
       pause();
     }
   }
-  void unlock() { state_.store(0, std::memory_order_release); }
+  // Clears only the writer bit: readers that are briefly counted while they back off
+  // (lock_shared's add-then-undo) must not be wiped out, or their undo would underflow.
+  void unlock() { state_.fetch_and(~kWriterBits, std::memory_order_release); }
 
  private:
   static constexpr std::uint32_t kWriter = 1;
