@@ -184,6 +184,8 @@ void BackendServer::serve(UniqueFd conn) {
       continue;
     }
     Request req = m->req();
+    log(LogLevel::debug, "{}: {} (flags {:#x}, {} bytes, {} fds)", device_.name(), to_string(req), m->flags,
+        m->payload.size(), m->fds.size());
     Reply r = (needs_owner(req) && !owner_)
                   ? Reply(unexpected(std::string("front-end has not sent SET_OWNER")))
                   : handle(*m);
