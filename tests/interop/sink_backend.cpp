@@ -1,6 +1,7 @@
 // A vhost-user back-end program for interoperability tests: serves a device with N
 // queues that consumes whatever the driver offers on odd queues (a network device's
-// transmit queues) and leaves even queues (receive) alone. Follows QEMU's back-end
+// transmit queues) and, with --source, fills the buffers of even queues (receive) with
+// 60-byte broadcast frames behind a 12-byte virtio-net header; otherwise it leaves them. Follows QEMU's back-end
 // program conventions for --socket-path / --fd; exits cleanly on SIGTERM and prints
 //   STATS messages=<n> rejected=<n> chains_q<i>=<n> bytes_q<i>=<n>
 // on stderr. Every request is logged at debug level (--log-level debug).
@@ -22,13 +23,20 @@ using namespace vhostkit;
 
 class SinkDevice : public Device {
  public:
-  explicit SinkDevice(std::uint32_t queues) : queues_(queues), chains_(queues), bytes_(queues), batches_(queues) {}
+  SinkDevice(std::uint32_t queues, bool source)
+      : queues_(queues), source_(source), chains_(queues), bytes_(queues), batches_(queues) {
+    frame_.assign(12 + 60, 0);  // virtio_net_hdr (12 bytes with VERSION_1), then the frame
+    for (int i = 0; i < 6; ++i) frame_[12 + i] = 0xff;  // broadcast destination
+    frame_[12 + 6] = 0x02;                              // a locally administered source
+    frame_[12 + 12] = 0x88;                             // ethertype 0x88b5 (local experimental)
+    frame_[12 + 13] = 0xb5;
+  }
   std::string name() const override { return "sink0"; }
   std::uint64_t device_features() const override { return 0; }
   std::uint32_t num_queues() const override { return queues_; }
   QueueWork process(std::uint32_t q, Virtqueue& vq) override {
     QueueWork w;
-    if (q % 2 == 0) return w;  // receive queues: nothing to deliver
+    if (q % 2 == 0 && !source_) return w;  // receive queues: nothing to deliver
     ChainBatch& b = batches_[q];
     b.clear();
     auto r = vq.pop(b, 32);
@@ -39,8 +47,18 @@ class SinkDevice : public Device {
     w.deferred = r->deferred;
     std::vector<Completion> done;
     for (const DescChain& c : b.chains()) {
-      bytes_[q] += c.readable_len;
-      done.push_back(Completion{c.id, c.ring_descs, 0});
+      if (q % 2 == 0) {
+        auto wr = vq.write_chain(b, c, 0, frame_);
+        if (!wr) {
+          w.error = wr.error();
+          return w;
+        }
+        bytes_[q] += *wr;
+        done.push_back(Completion{c.id, c.ring_descs, *wr});
+      } else {
+        bytes_[q] += c.readable_len;
+        done.push_back(Completion{c.id, c.ring_descs, 0});
+      }
     }
     if (!done.empty()) {
       auto n = vq.push(done);
@@ -55,6 +73,8 @@ class SinkDevice : public Device {
     return w;
   }
   std::uint32_t queues_;
+  bool source_;
+  std::vector<std::uint8_t> frame_;
   std::vector<std::atomic<std::uint64_t>> chains_;
   std::vector<std::atomic<std::uint64_t>> bytes_;
   std::vector<ChainBatch> batches_;
@@ -72,6 +92,7 @@ int main(int argc, char** argv) {
   int fd = -1;
   std::uint32_t queues = 2;
   LogLevel level = LogLevel::info;
+  bool source = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* name) -> std::string {
@@ -84,9 +105,10 @@ int main(int argc, char** argv) {
     if (a == "--socket-path") path = value("--socket-path");
     else if (a == "--fd") fd = std::stoi(value("--fd"));
     else if (a == "--queues") queues = static_cast<std::uint32_t>(std::stoul(value("--queues")));
+    else if (a == "--source") source = true;
     else if (a == "--log-level") level = value("--log-level") == "debug" ? LogLevel::debug : LogLevel::info;
     else {
-      std::fprintf(stderr, "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--log-level debug]\n");
+      std::fprintf(stderr, "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--source] [--log-level debug]\n");
       return 2;
     }
   }
@@ -97,7 +119,7 @@ int main(int argc, char** argv) {
   set_log_sink([](LogLevel l, std::string_view line) {
     std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()), line.data());
   }, level);
-  SinkDevice device(queues);
+  SinkDevice device(queues, source);
   BackendServer server(device);
   g_server = &server;
   struct sigaction sa {};
