@@ -15,7 +15,7 @@ filter=${1:-.}
 reps=${VHOSTKIT_BENCH_REPETITIONS:-5}
 build=build/release
 
-sections=(foundation virtqueue)
+sections=(foundation virtqueue iotlb_miss)
 
 if [[ ! -f $build/build.ninja ]]; then
   cmake --preset release >/dev/null
@@ -100,6 +100,11 @@ section_virtqueue() {
   if ! grep -q virtqueue_bench bench/CMakeLists.txt; then return 0; fi
   build_targets virtqueue_bench
   "$build/bench/virtqueue_bench" --repetitions "$reps"
+}
+
+section_iotlb_miss() {
+  cmake --build --preset release --target iotlb_miss_bench >/dev/null
+  "$build/bench/iotlb_miss_bench" "$reps"
 }
 
 ran=0

@@ -111,8 +111,12 @@ void QueueRunner::run() {
       // Request every missing page of every waiting chain in one burst, not one round
       // trip per chain.
       misses_.clear();
-      if (w.deferred->report_miss) misses_.push_back(*w.deferred);
-      (void)vq_.collect_misses(misses_, 256);
+      if (w.deferred->report_miss) {
+        misses_.push_back(*w.deferred);
+        // Look ahead only when this miss is new: on a retry the pages ahead were
+        // requested already, and walking the ring again would only burn CPU.
+        if (options_.miss_lookahead) (void)vq_.collect_misses(misses_, 256);
+      }
       if (on_miss_)
         for (const auto& m : misses_) on_miss_(index_, m);
       wait(false, options_.miss_retry);

@@ -37,6 +37,7 @@ namespace vhostkit {
 struct RunnerOptions {
   bool poll = false;
   std::chrono::milliseconds miss_retry{10};
+  bool miss_lookahead = true;  // request every missing page of the waiting chains at once
 };
 
 class QueueRunner {
