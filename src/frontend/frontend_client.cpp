@@ -196,6 +196,12 @@ Result<RingNotifiers, std::string> FrontendClient::start_queue(std::uint32_t ind
   return n;
 }
 
+Result<void, std::string> FrontendClient::driver_ok() {
+  if (!((protocol_features_ >> protocol::kStatus) & 1)) return {};
+  constexpr std::uint64_t kStatusDriverOk = 1 | 2 | 8 | 4;  // ACK, DRIVER, FEATURES_OK, DRIVER_OK
+  return request_ack(Message::make(static_cast<std::uint32_t>(Request::set_status), kStatusDriverOk));
+}
+
 Result<std::uint32_t, std::string> FrontendClient::stop_queue(std::uint32_t index) {
   auto r = request_reply(Message::make(static_cast<std::uint32_t>(Request::get_vring_base), VringState{index, 0}));
   if (!r) return unexpected(r.error());

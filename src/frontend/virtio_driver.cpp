@@ -49,8 +49,10 @@ Result<VirtioDriver, std::string> VirtioDriver::create(GuestMemory& memory, Driv
   }
   if (opt.iommu != nullptr) {
     Viommu& io = *opt.iommu;
-    d.addr_ = RingAddresses{io.map(*desc, desc_len, opt.packed ? Access::read_write : Access::read),
-                            io.map(*drv, drv_len, Access::read),
+    // Rings come from coherent DMA memory, which Linux maps read-write for the device
+    // (dma_alloc_coherent); DPDK's back-end translates every ring area read-write too.
+    d.addr_ = RingAddresses{io.map(*desc, desc_len, Access::read_write),
+                            io.map(*drv, drv_len, Access::read_write),
                             io.map(*dev, dev_len, Access::read_write)};
   } else {
     d.addr_ = RingAddresses{Iova(desc->value), Iova(drv->value), Iova(dev->value)};
@@ -86,7 +88,7 @@ std::uint64_t VirtioDriver::write_indirect(std::uint16_t slot, std::span<const D
   std::uint8_t* table = indirect_ + static_cast<std::uint64_t>(slot) * opt_.max_indirect * 16;
   for (std::size_t i = 0; i < bufs.size(); ++i) {
     const DriverBuffer& b = bufs[i];
-    Iova a = device_addr(b.gpa, b.len, b.device_writes ? Access::write : Access::read, &chain);
+    Iova a = device_addr(b.gpa, b.len, b.device_writes ? writable_access() : Access::read, &chain);
     if (opt_.packed) {
       PackedDesc pd{a.value, b.len, 0, static_cast<std::uint16_t>(b.device_writes ? kDescFWrite : 0)};
       std::memcpy(table + 16 * i, &pd, 16);
@@ -144,7 +146,7 @@ Result<std::uint16_t, std::string> VirtioDriver::add_split(std::span<const Drive
   } else {
     for (std::size_t i = 0; i < k; ++i) {
       const DriverBuffer& b = bufs[i];
-      Iova a = device_addr(b.gpa, b.len, b.device_writes ? Access::write : Access::read, &c);
+      Iova a = device_addr(b.gpa, b.len, b.device_writes ? writable_access() : Access::read, &c);
       auto flags = static_cast<std::uint16_t>((b.device_writes ? kDescFWrite : 0) |
                                               (i + 1 < k ? kDescFNext : 0));
       SplitDesc sd{a.value, b.len, flags, i + 1 < k ? ds[i + 1] : std::uint16_t{0}};
@@ -180,7 +182,7 @@ Result<std::uint16_t, std::string> VirtioDriver::add_packed(std::span<const Driv
       flags = kDescFIndirect;
     } else {
       const DriverBuffer& b = bufs[i];
-      addr = device_addr(b.gpa, b.len, b.device_writes ? Access::write : Access::read, &c).value;
+      addr = device_addr(b.gpa, b.len, b.device_writes ? writable_access() : Access::read, &c).value;
       len = b.len;
       flags = static_cast<std::uint16_t>((b.device_writes ? kDescFWrite : 0) |
                                          (i + 1 < k ? kDescFNext : 0));

@@ -73,6 +73,11 @@ class FrontendClient {
                                                                const VirtioDriver& driver,
                                                                std::optional<std::uint32_t> base = std::nullopt,
                                                                bool log_ring = false);
+  // SET_STATUS with ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK once the rings are set
+  // up (a no-op unless VHOST_USER_PROTOCOL_F_STATUS was negotiated; DPDK's back-end
+  // starts processing only after it).
+  [[nodiscard]] Result<void, std::string> driver_ok();
+
   // GET_VRING_BASE: stops the ring and returns the back-end's state.
   [[nodiscard]] Result<std::uint32_t, std::string> stop_queue(std::uint32_t index);
 

@@ -39,6 +39,9 @@ struct DriverOptions {
   bool event_idx = false;
   Viommu* iommu = nullptr;   // nullptr: the device sees GPAs
   std::uint16_t max_indirect = 64;  // entries per indirect table
+  // Map device-writable buffers read-write instead of write-only (DMA_FROM_DEVICE). DPDK's
+  // back-end checks read-write access on every receive buffer it fills.
+  bool map_writable_read_write = false;
 };
 
 struct DriverBuffer {
@@ -106,6 +109,7 @@ class VirtioDriver {
 
   explicit VirtioDriver(DriverOptions options) : opt_(options) {}
   Iova device_addr(Gpa gpa, std::uint64_t len, Access perm, ChainInfo* chain);
+  Access writable_access() const { return opt_.map_writable_read_write ? Access::read_write : Access::write; }
   Result<std::uint16_t, std::string> add_split(std::span<const DriverBuffer> buffers);
   Result<std::uint16_t, std::string> add_packed(std::span<const DriverBuffer> buffers);
   std::optional<UsedBuffer> poll_split();
