@@ -89,8 +89,10 @@ int main(int argc, char** argv) {
   std::sort(on.begin(), on.end());
   std::sort(off.begin(), off.end());
   double mon = on[on.size() / 2], moff = off[off.size() / 2];
-  std::printf("BENCH name=iotlb_miss_kchains_per_s_lookahead value=%.2f unit=kchains/s\n", mon / 1e3);
-  std::printf("BENCH name=iotlb_miss_kchains_per_s_one_at_a_time value=%.2f unit=kchains/s\n", moff / 1e3);
+  std::printf("BENCH name=iotlb_miss_kchains_per_s_lookahead value=%.2f unit=kchains/s\n",
+              mon / 1e3);
+  std::printf("BENCH name=iotlb_miss_kchains_per_s_one_at_a_time value=%.2f unit=kchains/s\n",
+              moff / 1e3);
   std::printf("BENCH name=iotlb_miss_lookahead_speedup value=%.2f unit=x\n", mon / moff);
   return 0;
 }

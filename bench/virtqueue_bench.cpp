@@ -63,9 +63,11 @@ double run_once(const Scenario& s, double seconds) {
   if (s.iommu) {
     // Rings at IOVA == GPA, buffers at IOVA = GPA + offset: the warm-cache case.
     space.set_iommu(true);
-    if (!space.iotlb_update(Iova(kRamGpa), 0x100000, Gpa(kRamGpa), Access::read_write)) std::abort();
-    if (!space.iotlb_update(Iova(pool->value + kIovaOffset), static_cast<std::uint64_t>(kQueue) * s.descs * 4096,
-                            *pool, Access::read_write))
+    if (!space.iotlb_update(Iova(kRamGpa), 0x100000, Gpa(kRamGpa), Access::read_write))
+      std::abort();
+    if (!space.iotlb_update(Iova(pool->value + kIovaOffset),
+                            static_cast<std::uint64_t>(kQueue) * s.descs * 4096, *pool,
+                            Access::read_write))
       std::abort();
   }
   std::uint64_t buf_base = pool->value + (s.iommu ? kIovaOffset : 0);
@@ -114,8 +116,8 @@ double run_once(const Scenario& s, double seconds) {
     bool added = false;
     while (drv->free_descriptors() >= s.descs) {
       for (int d = 0; d < s.descs; ++d)
-        bufs[static_cast<std::size_t>(d)] =
-            DriverBuffer{Gpa(buf_base + ((slot * s.descs + d) % (kQueue * s.descs)) * 4096), per, true};
+        bufs[static_cast<std::size_t>(d)] = DriverBuffer{
+            Gpa(buf_base + ((slot * s.descs + d) % (kQueue * s.descs)) * 4096), per, true};
       if (!drv->add(bufs, false)) break;
       ++slot;
       added = true;
@@ -132,7 +134,8 @@ double run_once(const Scenario& s, double seconds) {
       if (s.device_only) {
         auto t0 = std::chrono::steady_clock::now();
         for (int k = 0; k < static_cast<int>(kQueue / kBatch); ++k) device_chains += device_burst();
-        device_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        device_seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       while (drv->poll()) {
       }
@@ -187,12 +190,14 @@ int main(int argc, char** argv) {
   std::vector<std::vector<double>> samples(scenarios.size());
   for (int r = 0; r < reps; ++r)
     for (std::size_t i = 0; i < scenarios.size(); ++i)
-      if (only.empty() || scenarios[i].name == only) samples[i].push_back(run_once(scenarios[i], seconds));
+      if (only.empty() || scenarios[i].name == only)
+        samples[i].push_back(run_once(scenarios[i], seconds));
   std::vector<double> results;
   for (std::size_t i = 0; i < scenarios.size(); ++i) {
     results.push_back(samples[i].empty() ? 0 : median(samples[i]));
     if (!samples[i].empty())
-      std::printf("BENCH name=%s value=%.2f unit=Mchains/s\n", scenarios[i].name.c_str(), results[i]);
+      std::printf("BENCH name=%s value=%.2f unit=Mchains/s\n", scenarios[i].name.c_str(),
+                  results[i]);
   }
   auto ratio = [&](const char* name, std::size_t on, std::size_t off) {
     if (results[on] == 0 || results[off] == 0) return;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fuzz_input.h"
 #include "vhostkit/translate.h"
 
 namespace {
@@ -20,20 +21,7 @@ using namespace vhostkit;
 
 constexpr std::uint64_t kFileSize = 64 * 1024;
 
-struct Input {
-  const std::uint8_t* p;
-  std::size_t n;
-  template <typename T>
-  T take() {
-    T v{};
-    std::size_t k = std::min(sizeof(T), n);
-    std::memcpy(&v, p, k);
-    p += k;
-    n -= k;
-    return v;
-  }
-  bool empty() const { return n == 0; }
-};
+using fuzzing::Input;
 
 int backing(unsigned i) {
   static int fds[2] = {-1, -1};
@@ -63,9 +51,12 @@ std::uint64_t addr(Input& in) {
 RegionSpec region(Input& in) {
   RegionSpec s;
   auto which = in.take<std::uint8_t>();
-  if (which < 240) s.fd = UniqueFd(::dup(backing(which & 1)));
-  else if (which < 250) s.fd = UniqueFd(-1);
-  else s.fd = UniqueFd(::dup(STDIN_FILENO));  // not a regular file, or closed
+  if (which < 240)
+    s.fd = UniqueFd(::dup(backing(which & 1)));
+  else if (which < 250)
+    s.fd = UniqueFd(-1);
+  else
+    s.fd = UniqueFd(::dup(STDIN_FILENO));  // not a regular file, or closed
   s.mmap_offset = addr(in) % (2 * kFileSize);
   s.size = addr(in) % (kFileSize + 4096);
   s.gpa = Gpa(addr(in));
@@ -113,7 +104,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         case 3: {
           auto iova = Iova(addr(in));
           auto len = addr(in);
-          (void)space.iotlb_update(iova, len, Gpa(addr(in)), static_cast<Access>(in.take<std::uint8_t>() % 4));
+          (void)space.iotlb_update(iova, len, Gpa(addr(in)),
+                                   static_cast<Access>(in.take<std::uint8_t>() % 4));
           break;
         }
         case 4: {

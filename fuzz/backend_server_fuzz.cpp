@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "support/echo_device.h"
+#include "fuzz_input.h"
 #include "vhostkit/log.h"
 #include "vhostkit/vhost_user/backend_server.h"
 
@@ -21,20 +22,7 @@ namespace {
 using namespace vhostkit;
 using namespace vhostkit::vhost_user;
 
-struct Input {
-  const std::uint8_t* p;
-  std::size_t n;
-  template <typename T>
-  T take() {
-    T v{};
-    std::size_t k = std::min(sizeof(T), n);
-    std::memcpy(&v, p, k);
-    p += k;
-    n -= k;
-    return v;
-  }
-  bool empty() const { return n == 0; }
-};
+using fuzzing::Input;
 
 std::size_t fd_count() {
   std::size_t c = 0;
@@ -84,7 +72,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       Message m;
       // Mostly known requests with their flags; sometimes anything at all.
       m.request = (mode & 0x80) ? in.take<std::uint32_t>() : 1u + in.take<std::uint8_t>() % 40u;
-      m.flags = (mode & 0x40) ? in.take<std::uint32_t>() : kVersion | ((mode & 1) ? kFlagNeedReply : 0);
+      m.flags =
+          (mode & 0x40) ? in.take<std::uint32_t>() : kVersion | ((mode & 1) ? kFlagNeedReply : 0);
       std::size_t len = in.take<std::uint8_t>();
       if (mode & 0x20) len = std::min<std::size_t>(len * 4, 300);
       len = std::min(len, in.n);

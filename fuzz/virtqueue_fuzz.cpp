@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fuzz_input.h"
 #include "vhostkit/virtqueue.h"
 
 namespace {
@@ -25,20 +26,7 @@ constexpr std::uint64_t kGpa = 0x10000;
 constexpr std::uint64_t kRam = 0x10000;
 constexpr std::uint64_t kIovaOffset = 0x40000000;
 
-struct Input {
-  const std::uint8_t* p;
-  std::size_t n;
-  template <typename T>
-  T take() {
-    T v{};
-    std::size_t k = std::min(sizeof(T), n);
-    std::memcpy(&v, p, k);
-    p += k;
-    n -= k;
-    return v;
-  }
-  bool empty() const { return n == 0; }
-};
+using fuzzing::Input;
 
 int memfd() {
   static int fd = [] {

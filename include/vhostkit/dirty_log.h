@@ -45,8 +45,8 @@ enum class DirtyLogErrc {
 
 struct DirtyLogError {
   DirtyLogErrc code;
-  std::uint64_t value = 0;   // offending GPA, or the needed size for too_small
-  std::uint64_t limit = 0;   // the log's size in bytes / coverage in GPA
+  std::uint64_t value = 0;  // offending GPA, or the needed size for too_small
+  std::uint64_t limit = 0;  // the log's size in bytes / coverage in GPA
   int sys_errno = 0;
 
   [[nodiscard]] std::string message() const;
@@ -57,8 +57,8 @@ class DirtyLog {
   // Maps [offset, offset + size) of fd as the log. The DirtyLog owns the mapping; the
   // fd is closed once mapped.
   [[nodiscard]] static Result<std::shared_ptr<DirtyLog>, DirtyLogError> map(UniqueFd fd,
-                                                                           std::uint64_t size,
-                                                                           std::uint64_t offset);
+                                                                            std::uint64_t size,
+                                                                            std::uint64_t offset);
   // Uses memory the caller owns and keeps alive (tests, the frontend's own view).
   [[nodiscard]] static std::shared_ptr<DirtyLog> over(std::span<std::uint8_t> bitmap);
 
@@ -172,7 +172,8 @@ std::uint64_t DirtyLog::fetch_and_clear(std::uint64_t first_page, std::uint64_t 
     if ((p % 8) == 0 && p + 8 <= end) {
       // acq_rel: the exchange must see the guest data published before the bit
       // (acquire) and must not be reordered with the caller's later copy.
-      std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte]).exchange(0, std::memory_order_acq_rel);
+      std::uint8_t v =
+          std::atomic_ref<std::uint8_t>(bits_[byte]).exchange(0, std::memory_order_acq_rel);
       for (unsigned b = 0; v != 0 && b < 8; ++b)
         if (v & (1u << b)) {
           ++found;
@@ -181,8 +182,8 @@ std::uint64_t DirtyLog::fetch_and_clear(std::uint64_t first_page, std::uint64_t 
       p += 8;
     } else {
       std::uint8_t bit = static_cast<std::uint8_t>(1u << (p % 8));
-      std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte]).fetch_and(
-          static_cast<std::uint8_t>(~bit), std::memory_order_acq_rel);
+      std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte])
+                           .fetch_and(static_cast<std::uint8_t>(~bit), std::memory_order_acq_rel);
       if (v & bit) {
         ++found;
         fn(p);

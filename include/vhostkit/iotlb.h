@@ -48,12 +48,12 @@
 namespace vhostkit {
 
 enum class IotlbErrc {
-  zero_size,          // an update or invalidation of size 0
-  iova_overflow,      // iova + size wraps
-  address_overflow,   // gpa/uaddr + size wraps
-  bad_permission,     // an update granting no access
-  not_backed,         // the range is not fully covered by the memory table
-  over_limit,         // one update needs more entries than the limit allows
+  zero_size,         // an update or invalidation of size 0
+  iova_overflow,     // iova + size wraps
+  address_overflow,  // gpa/uaddr + size wraps
+  bad_permission,    // an update granting no access
+  not_backed,        // the range is not fully covered by the memory table
+  over_limit,        // one update needs more entries than the limit allows
 };
 
 [[nodiscard]] const char* to_string(IotlbErrc e);
@@ -97,8 +97,8 @@ class DeviceIotlb {
                                                     Access perm);
 
   // Installs [iova, iova + size) -> the GPAs of frontend addresses [uaddr, uaddr + size).
-  [[nodiscard]] Result<void, IotlbError> update_uaddr(Iova iova, std::uint64_t size,
-                                                      Uaddr uaddr, Access perm);
+  [[nodiscard]] Result<void, IotlbError> update_uaddr(Iova iova, std::uint64_t size, Uaddr uaddr,
+                                                      Access perm);
 
   // Removes every translation in [iova, iova + size); entries partly inside are trimmed
   // or split. Size 0 is rejected; a range wrapping past 2^64 is clamped at 2^64 - 1.
@@ -119,14 +119,15 @@ class DeviceIotlb {
 
   // Records a miss for (page of iova, access) and returns true if the caller should
   // send it to the frontend: the first time, or again after the timeout.
-  [[nodiscard]] bool note_miss(Iova iova, Access access,
-                               std::chrono::steady_clock::time_point now);
+  [[nodiscard]] bool note_miss(Iova iova, Access access, std::chrono::steady_clock::time_point now);
 
   // Number of misses recorded and not yet answered.
   [[nodiscard]] std::size_t pending_misses() const;
 
   [[nodiscard]] std::size_t size() const;
-  [[nodiscard]] std::uint64_t evictions() const { return evictions_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::uint64_t evictions() const {
+    return evictions_.load(std::memory_order_relaxed);
+  }
   [[nodiscard]] std::uint64_t generation() const {
     return generation_.load(std::memory_order_acquire);
   }
@@ -136,7 +137,8 @@ class DeviceIotlb {
 
  private:
   struct Store;  // the ordered entry container (src/iotlb/device_iotlb.cpp)
-  Result<void, IotlbError> install(Iova iova, std::uint64_t size, const std::vector<IotlbEntry>& parts);
+  Result<void, IotlbError> install(Iova iova, std::uint64_t size,
+                                   const std::vector<IotlbEntry>& parts);
   void answer_misses(Iova iova, std::uint64_t size);
   void bump();
 

@@ -57,9 +57,9 @@ enum class MemoryErrc {
 
 struct MemoryError {
   MemoryErrc code;
-  std::uint64_t addr = 0;  // the region's GPA (or the address looked up)
-  std::uint64_t size = 0;  // the region's size (0 for lookups)
-  int sys_errno = 0;       // errno for bad_fd / mmap_failed
+  std::uint64_t addr = 0;   // the region's GPA (or the address looked up)
+  std::uint64_t size = 0;   // the region's size (0 for lookups)
+  int sys_errno = 0;        // errno for bad_fd / mmap_failed
   std::uint64_t limit = 0;  // the limit for too_many_regions, file size for beyond_file
 
   [[nodiscard]] std::string message() const;
@@ -100,7 +100,7 @@ struct Region {
   std::uint64_t size = 0;
   Uaddr uaddr;
   std::uint64_t mmap_offset = 0;
-  HostPtr host = nullptr;  // host address of gpa
+  HostPtr host = nullptr;      // host address of gpa
   std::uint64_t file_dev = 0;  // identity of the backing file, for alias detection
   std::uint64_t file_ino = 0;
   std::shared_ptr<const detail::Mapping> mapping;
@@ -161,9 +161,9 @@ class MemorySnapshot {
   };
   void index();  // builds starts_, uaddr order, aliases_, end_gpa_
 
-  std::vector<Region> regions_;            // sorted by gpa
-  std::vector<std::uint64_t> starts_;      // regions_[i].gpa.value, for binary search
-  std::vector<std::uint32_t> by_uaddr_;    // region indices sorted by uaddr
+  std::vector<Region> regions_;          // sorted by gpa
+  std::vector<std::uint64_t> starts_;    // regions_[i].gpa.value, for binary search
+  std::vector<std::uint32_t> by_uaddr_;  // region indices sorted by uaddr
   std::vector<Alias> aliases_;
   Gpa end_gpa_;
   std::uint64_t generation_ = 0;

@@ -61,8 +61,8 @@ enum class TranslateErrc {
 
 struct TranslateError {
   TranslateErrc code;
-  Iova addr;               // the address that failed (for a miss: the missing IOVA)
-  std::uint64_t len = 0;   // bytes still to translate from addr
+  Iova addr;              // the address that failed (for a miss: the missing IOVA)
+  std::uint64_t len = 0;  // bytes still to translate from addr
   Access access = Access::none;
   bool report_miss = false;  // iotlb_miss: first time for this page, send VHOST_IOTLB_MISS
 
@@ -188,8 +188,14 @@ class Translator {
   [[nodiscard]] Result<void, TranslateError> flush_log();
 
   // Whether writes are currently being logged (as of the last refresh).
-  [[nodiscard]] bool logging() { check_generation(); return state_.logging && state_.log; }
-  [[nodiscard]] bool iommu() { check_generation(); return state_.iommu; }
+  [[nodiscard]] bool logging() {
+    check_generation();
+    return state_.logging && state_.log;
+  }
+  [[nodiscard]] bool iommu() {
+    check_generation();
+    return state_.iommu;
+  }
 
   // Refreshes if the address space changed; returns the generation now in use.
   std::uint64_t sync() {
@@ -197,7 +203,9 @@ class Translator {
     return generation_;
   }
   // The memory snapshot current translations come from (keeps its mappings alive).
-  [[nodiscard]] const std::shared_ptr<const MemorySnapshot>& memory() const { return state_.memory; }
+  [[nodiscard]] const std::shared_ptr<const MemorySnapshot>& memory() const {
+    return state_.memory;
+  }
 
   // Cache statistics (benchmarks, tests).
   [[nodiscard]] std::uint64_t cache_hits() const { return hits_; }

@@ -27,8 +27,7 @@ using tl::make_unexpected;
 using tl::unexpected;
 
 // Checked a + b for operands that come from a guest or a frontend.
-[[nodiscard]] constexpr std::optional<std::uint64_t> checked_add(std::uint64_t a,
-                                                                 std::uint64_t b) {
+[[nodiscard]] constexpr std::optional<std::uint64_t> checked_add(std::uint64_t a, std::uint64_t b) {
   std::uint64_t r = 0;
   if (__builtin_add_overflow(a, b, &r)) return std::nullopt;
   return r;

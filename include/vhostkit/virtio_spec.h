@@ -27,7 +27,9 @@ inline constexpr unsigned kFInOrder = 35;
 // vhost: VHOST_F_LOG_ALL, the frontend asks the backend to log all writes.
 inline constexpr unsigned kVhostFLogAll = 26;
 
-[[nodiscard]] constexpr std::uint64_t bit(unsigned b) { return 1ULL << b; }
+[[nodiscard]] constexpr std::uint64_t bit(unsigned b) {
+  return 1ULL << b;
+}
 
 // Largest queue size either ring format allows.
 inline constexpr std::uint32_t kMaxQueueSize = 32768;
@@ -80,19 +82,33 @@ static_assert(sizeof(EventSuppress) == 4);
 
 // Split ring layout: byte offsets and sizes for a queue of n entries.
 namespace split {
-inline constexpr std::uint64_t desc_table_size(std::uint32_t n) { return 16ULL * n; }
+inline constexpr std::uint64_t desc_table_size(std::uint32_t n) {
+  return 16ULL * n;
+}
 // Driver area ("available ring"): flags, idx, ring[n], used_event.
 inline constexpr std::uint64_t kAvailFlags = 0;
 inline constexpr std::uint64_t kAvailIdx = 2;
-inline constexpr std::uint64_t avail_ring(std::uint32_t i) { return 4 + 2ULL * i; }
-inline constexpr std::uint64_t used_event(std::uint32_t n) { return 4 + 2ULL * n; }
-inline constexpr std::uint64_t avail_size(std::uint32_t n) { return 6 + 2ULL * n; }
+inline constexpr std::uint64_t avail_ring(std::uint32_t i) {
+  return 4 + 2ULL * i;
+}
+inline constexpr std::uint64_t used_event(std::uint32_t n) {
+  return 4 + 2ULL * n;
+}
+inline constexpr std::uint64_t avail_size(std::uint32_t n) {
+  return 6 + 2ULL * n;
+}
 // Device area ("used ring"): flags, idx, ring[n] of UsedElem, avail_event.
 inline constexpr std::uint64_t kUsedFlags = 0;
 inline constexpr std::uint64_t kUsedIdx = 2;
-inline constexpr std::uint64_t used_ring(std::uint32_t i) { return 4 + 8ULL * i; }
-inline constexpr std::uint64_t avail_event(std::uint32_t n) { return 4 + 8ULL * n; }
-inline constexpr std::uint64_t used_size(std::uint32_t n) { return 6 + 8ULL * n; }
+inline constexpr std::uint64_t used_ring(std::uint32_t i) {
+  return 4 + 8ULL * i;
+}
+inline constexpr std::uint64_t avail_event(std::uint32_t n) {
+  return 4 + 8ULL * n;
+}
+inline constexpr std::uint64_t used_size(std::uint32_t n) {
+  return 6 + 8ULL * n;
+}
 // Required alignments of the three areas.
 inline constexpr std::uint64_t kDescAlign = 16;
 inline constexpr std::uint64_t kAvailAlign = 2;
@@ -100,7 +116,9 @@ inline constexpr std::uint64_t kUsedAlign = 4;
 }  // namespace split
 
 namespace packed {
-inline constexpr std::uint64_t desc_ring_size(std::uint32_t n) { return 16ULL * n; }
+inline constexpr std::uint64_t desc_ring_size(std::uint32_t n) {
+  return 16ULL * n;
+}
 inline constexpr std::uint64_t kEventSize = 4;
 inline constexpr std::uint64_t kDescAlign = 16;
 inline constexpr std::uint64_t kEventAlign = 4;

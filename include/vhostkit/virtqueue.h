@@ -191,10 +191,9 @@ class Virtqueue {
 
   // Copies data into a chain's writable buffers starting at offset, logging every page.
   // Returns the number of bytes written (less than data.size() if the buffers end).
-  [[nodiscard]] Result<std::uint32_t, VirtqueueError> write_chain(const ChainBatch& batch,
-                                                                  const DescChain& chain,
-                                                                  std::uint32_t offset,
-                                                                  std::span<const std::uint8_t> data);
+  [[nodiscard]] Result<std::uint32_t, VirtqueueError> write_chain(
+      const ChainBatch& batch, const DescChain& chain, std::uint32_t offset,
+      std::span<const std::uint8_t> data);
   // Copies from a chain's readable buffers starting at offset; returns bytes copied.
   [[nodiscard]] std::uint32_t read_chain(const ChainBatch& batch, const DescChain& chain,
                                          std::uint32_t offset, std::span<std::uint8_t> out) const;
@@ -271,13 +270,13 @@ class Virtqueue {
   RingArea driver_;
   RingArea device_;
   std::vector<std::uint8_t> indirect_scratch_;
-  std::optional<TranslateError> deferred_;  // why the last walk stopped
+  std::optional<TranslateError> deferred_;          // why the last walk stopped
   std::vector<TranslateError>* dry_run_ = nullptr;  // collect_misses() in progress
   ChainBatch scratch_;
-  bool pending_used_from_ring_ = false;     // read used->idx once the ring maps
-  std::optional<TranslateError> last_miss_;  // why the rings could not be mapped
+  bool pending_used_from_ring_ = false;            // read used->idx once the ring maps
+  std::optional<TranslateError> last_miss_;        // why the rings could not be mapped
   std::optional<TranslateError> unreported_miss_;  // a ring miss start() saw first
-  std::uint16_t avail_shadow_ = 0;           // split: last avail->idx read
+  std::uint16_t avail_shadow_ = 0;                 // split: last avail->idx read
 };
 
 }  // namespace vhostkit

@@ -39,7 +39,7 @@ DirtyLog::~DirtyLog() {
 }
 
 Result<std::shared_ptr<DirtyLog>, DirtyLogError> DirtyLog::map(UniqueFd fd, std::uint64_t size,
-                                                              std::uint64_t offset) {
+                                                               std::uint64_t offset) {
   if (size == 0) return unexpected(DirtyLogError{DirtyLogErrc::zero_size});
   auto end = checked_add(offset, size);
   if (!end || *end > static_cast<std::uint64_t>(INT64_MAX))
@@ -49,8 +49,8 @@ Result<std::shared_ptr<DirtyLog>, DirtyLogError> DirtyLog::map(UniqueFd fd, std:
     return unexpected(DirtyLogError{DirtyLogErrc::bad_fd, 0, 0, fd.valid() ? errno : EBADF});
   if (!S_ISREG(st.st_mode)) return unexpected(DirtyLogError{DirtyLogErrc::bad_fd, 0, 0, EINVAL});
   if (*end > static_cast<std::uint64_t>(st.st_size))
-    return unexpected(DirtyLogError{DirtyLogErrc::beyond_file, *end,
-                                    static_cast<std::uint64_t>(st.st_size)});
+    return unexpected(
+        DirtyLogError{DirtyLogErrc::beyond_file, *end, static_cast<std::uint64_t>(st.st_size)});
   // The mapping starts at the page containing `offset`; the bitmap starts `offset`
   // bytes into the file, i.e. (offset - map_off) bytes into the mapping. The offset is
   // applied exactly once.
@@ -136,7 +136,8 @@ Result<void, DirtyLogError> DirtyLog::mark_word(std::uint64_t word, std::uint64_
 bool DirtyLog::test(std::uint64_t page) const {
   if (page / 8 >= size_) return false;
   return (std::atomic_ref<std::uint8_t>(bits_[page / 8]).load(std::memory_order_acquire) >>
-          (page % 8)) & 1u;
+          (page % 8)) &
+         1u;
 }
 
 Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word,

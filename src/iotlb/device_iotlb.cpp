@@ -29,8 +29,8 @@ const char* to_string(IotlbErrc e) {
 }
 
 std::string IotlbError::message() const {
-  return fmt::format("{} (iova {:#x}, size {:#x}, address {:#x})", to_string(code),
-                     iova.value, size, addr);
+  return fmt::format("{} (iova {:#x}, size {:#x}, address {:#x})", to_string(code), iova.value,
+                     size, addr);
 }
 
 namespace {
@@ -42,7 +42,9 @@ struct Slot {
 };
 
 // Last address of an entry (inclusive), so ranges ending at 2^64 need no special case.
-std::uint64_t last_of(const IotlbEntry& e) { return e.iova.value + (e.size - 1); }
+std::uint64_t last_of(const IotlbEntry& e) {
+  return e.iova.value + (e.size - 1);
+}
 
 IotlbEntry trimmed(const IotlbEntry& e, std::uint64_t lo, std::uint64_t last) {
   IotlbEntry t = e;
@@ -64,7 +66,7 @@ struct DeviceIotlb::Store {
     std::vector<std::uint64_t> keys;  // slots[i].e.iova
     std::vector<Slot> slots;
   };
-  std::vector<Block> blocks;         // non-empty, sorted, in IOVA order
+  std::vector<Block> blocks;          // non-empty, sorted, in IOVA order
   std::vector<std::uint64_t> firsts;  // blocks[i].keys.front()
   std::size_t count = 0;
   std::deque<std::pair<std::uint64_t, std::uint64_t>> fifo;  // (seq, iova) oldest first
@@ -189,7 +191,9 @@ DeviceIotlb::DeviceIotlb(IotlbLimits limits)
 
 DeviceIotlb::~DeviceIotlb() = default;
 
-void DeviceIotlb::bump() { generation_.fetch_add(1, std::memory_order_release); }
+void DeviceIotlb::bump() {
+  generation_.fetch_add(1, std::memory_order_release);
+}
 
 void DeviceIotlb::rebind(std::shared_ptr<const MemorySnapshot> snapshot) {
   std::unique_lock lock(mu_);

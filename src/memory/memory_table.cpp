@@ -140,8 +140,8 @@ Result<void, MemoryError> check_set(std::vector<Region>& regions, const MemoryLi
       std::uint64_t b_end = b.uaddr.value + b.size;
       bool overlap = a.uaddr.value < b_end && b.uaddr.value < a_end;
       if (!overlap) continue;
-      bool consistent = same_file(a, b) &&
-                        a.uaddr.value - a.mmap_offset == b.uaddr.value - b.mmap_offset;
+      bool consistent =
+          same_file(a, b) && a.uaddr.value - a.mmap_offset == b.uaddr.value - b.mmap_offset;
       if (!consistent) return unexpected(error(MemoryErrc::uaddr_conflict, b.gpa, b.size));
     }
   }
@@ -161,7 +161,8 @@ Result<void, MemoryError> validate_region(const RegionSpec& spec) {
     return unexpected(error(MemoryErrc::offset_overflow, spec.gpa, spec.size));
   struct stat st {};
   if (!spec.fd.valid() || ::fstat(spec.fd.get(), &st) != 0)
-    return unexpected(error(MemoryErrc::bad_fd, spec.gpa, spec.size, spec.fd.valid() ? errno : EBADF));
+    return unexpected(
+        error(MemoryErrc::bad_fd, spec.gpa, spec.size, spec.fd.valid() ? errno : EBADF));
   if (!S_ISREG(st.st_mode))
     return unexpected(error(MemoryErrc::bad_fd, spec.gpa, spec.size, EINVAL));
   if (*file_end > static_cast<std::uint64_t>(st.st_size)) {
@@ -190,10 +191,9 @@ Result<GpaRange, MemoryError> MemorySnapshot::uaddr_to_gpa(Uaddr uaddr) const {
   const Region* best = nullptr;
   if (!has_aliases()) {
     // Without aliases uaddr ranges are disjoint: only the last start <= uaddr can match.
-    auto it = std::upper_bound(by_uaddr_.begin(), by_uaddr_.end(), uaddr.value,
-                               [this](std::uint64_t v, std::uint32_t idx) {
-                                 return v < regions_[idx].uaddr.value;
-                               });
+    auto it = std::upper_bound(
+        by_uaddr_.begin(), by_uaddr_.end(), uaddr.value,
+        [this](std::uint64_t v, std::uint32_t idx) { return v < regions_[idx].uaddr.value; });
     if (it != by_uaddr_.begin()) {
       const Region& r = regions_[*(it - 1)];
       if (uaddr.value - r.uaddr.value < r.size) best = &r;
@@ -207,8 +207,7 @@ Result<GpaRange, MemoryError> MemorySnapshot::uaddr_to_gpa(Uaddr uaddr) const {
       }
     }
   }
-  if (best == nullptr)
-    return unexpected(MemoryError{MemoryErrc::not_mapped, uaddr.value, 0, 0, 0});
+  if (best == nullptr) return unexpected(MemoryError{MemoryErrc::not_mapped, uaddr.value, 0, 0, 0});
   std::uint64_t off = uaddr.value - best->uaddr.value;
   return GpaRange{best->gpa + off, best->size - off};
 }
@@ -235,7 +234,8 @@ void MemorySnapshot::index() {
       std::uint64_t lo = std::max(a.mmap_offset, b.mmap_offset);
       std::uint64_t hi = std::min(a.mmap_offset + a.size, b.mmap_offset + b.size);
       if (lo >= hi) continue;
-      aliases_.push_back(Alias{a.gpa + (lo - a.mmap_offset), hi - lo, b.gpa + (lo - b.mmap_offset)});
+      aliases_.push_back(
+          Alias{a.gpa + (lo - a.mmap_offset), hi - lo, b.gpa + (lo - b.mmap_offset)});
     }
   }
 }
@@ -305,7 +305,9 @@ Result<void, MemoryError> MemoryTable::remove(Gpa gpa, std::uint64_t size) {
   return publish(std::move(regions));
 }
 
-void MemoryTable::clear() { (void)publish({}); }
+void MemoryTable::clear() {
+  (void)publish({});
+}
 
 std::shared_ptr<const MemorySnapshot> MemoryTable::snapshot() const {
   std::lock_guard lock(mu_);

@@ -37,7 +37,9 @@ AddressSpace::AddressSpace(MemoryLimits memory_limits, IotlbLimits iotlb_limits)
 
 AddressSpace::~AddressSpace() = default;
 
-void AddressSpace::bump() { generation_.fetch_add(1, std::memory_order_seq_cst); }
+void AddressSpace::bump() {
+  generation_.fetch_add(1, std::memory_order_seq_cst);
+}
 
 void AddressSpace::publish_memory() {
   auto snap = memory_.snapshot();
@@ -212,14 +214,14 @@ Result<void, TranslateError> Translator::end_burst() {
   return r;
 }
 
-Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr,
-                                                              std::uint64_t len,
+Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr, std::uint64_t len,
                                                               Access access) {
   for (std::size_t i = 0; i < kCacheEntries; ++i) {
     const Chunk& c = cache_[i];
     if (addr - c.start < c.len) {
       if (!permits(c.perm, access))
-        return unexpected(TranslateError{TranslateErrc::permission_denied, Iova(addr), len, access});
+        return unexpected(
+            TranslateError{TranslateErrc::permission_denied, Iova(addr), len, access});
       ++hits_;
       mru_ = i;
       return c;
@@ -241,8 +243,7 @@ Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr
     }
     if (!found.entry) {
       bool report = space_.iotlb_.note_miss(Iova(addr), access, std::chrono::steady_clock::now());
-      return unexpected(
-          TranslateError{TranslateErrc::iotlb_miss, Iova(addr), len, access, report});
+      return unexpected(TranslateError{TranslateErrc::iotlb_miss, Iova(addr), len, access, report});
     }
     const IotlbEntry& e = *found.entry;
     c = Chunk{e.iova.value, e.size, e.gpa, e.host, e.perm};
@@ -270,11 +271,13 @@ Result<std::size_t, TranslateError> Translator::translate_slow(Iova addr, std::u
     std::uint64_t off = cur - c->start;
     std::uint64_t take = std::min(left, c->len - off);
     Segment s{c->host + off, c->gpa + off, take};
-    if (n > 0 && out[n - 1].host + out[n - 1].len == s.host && out[n - 1].gpa + out[n - 1].len == s.gpa) {
+    if (n > 0 && out[n - 1].host + out[n - 1].len == s.host &&
+        out[n - 1].gpa + out[n - 1].len == s.gpa) {
       out[n - 1].len += take;
     } else {
       if (n == out.size())
-        return unexpected(TranslateError{TranslateErrc::too_many_segments, Iova(cur), left, access});
+        return unexpected(
+            TranslateError{TranslateErrc::too_many_segments, Iova(cur), left, access});
       out[n++] = s;
     }
     cur += take;
@@ -286,7 +289,8 @@ Result<std::size_t, TranslateError> Translator::translate_slow(Iova addr, std::u
 Result<void, TranslateError> Translator::read(Iova addr, std::span<std::uint8_t> dst) {
   check_generation();
   if (!addr.checked_end(dst.size()))
-    return unexpected(TranslateError{TranslateErrc::range_overflow, addr, dst.size(), Access::read});
+    return unexpected(
+        TranslateError{TranslateErrc::range_overflow, addr, dst.size(), Access::read});
   std::uint64_t done = 0;
   while (done < dst.size()) {
     std::uint64_t cur = addr.value + done;
@@ -303,7 +307,8 @@ Result<void, TranslateError> Translator::read(Iova addr, std::span<std::uint8_t>
 Result<void, TranslateError> Translator::write(Iova addr, std::span<const std::uint8_t> src) {
   check_generation();
   if (!addr.checked_end(src.size()))
-    return unexpected(TranslateError{TranslateErrc::range_overflow, addr, src.size(), Access::write});
+    return unexpected(
+        TranslateError{TranslateErrc::range_overflow, addr, src.size(), Access::write});
   std::uint64_t done = 0;
   Result<void, TranslateError> logged;
   while (done < src.size()) {
@@ -326,19 +331,19 @@ Result<void, TranslateError> Translator::log_range(Gpa gpa, std::uint64_t len) {
   auto mark = [&](Gpa g, std::uint64_t n) {
     auto r = mode_ == LogMode::batched ? batch_.mark(log, g, n) : log.mark(g, n);
     if (!r && result)
-      result = unexpected(TranslateError{TranslateErrc::log_failed, Iova(r.error().value), n,
-                                         Access::write});
+      result = unexpected(
+          TranslateError{TranslateErrc::log_failed, Iova(r.error().value), n, Access::write});
   };
   mark(gpa, len);
   if (state_.memory->has_aliases()) state_.memory->for_each_alias(gpa, len, mark);
   return result;
 }
 
-
 Result<void, TranslateError> Translator::flush_log() {
   if (!state_.log || batch_.empty()) return {};
   if (auto r = batch_.flush(*state_.log); !r)
-    return unexpected(TranslateError{TranslateErrc::log_failed, Iova(r.error().value), 0, Access::write});
+    return unexpected(
+        TranslateError{TranslateErrc::log_failed, Iova(r.error().value), 0, Access::write});
   return {};
 }
 

@@ -41,10 +41,8 @@ bool has_natural_reply(Request r) {
     case Request::get_max_mem_slots:
     case Request::get_config:
     case Request::get_status:
-    case Request::set_log_base:
-      return true;
-    default:
-      return false;
+    case Request::set_log_base: return true;
+    default: return false;
   }
 }
 
@@ -63,10 +61,8 @@ bool needs_owner(Request r) {
     case Request::set_vring_call:
     case Request::set_vring_err:
     case Request::set_vring_enable:
-    case Request::iotlb_msg:
-      return true;
-    default:
-      return false;
+    case Request::iotlb_msg: return true;
+    default: return false;
   }
 }
 
@@ -93,7 +89,9 @@ BackendServer::BackendServer(Device& device, BackendOptions options)
   }
 }
 
-BackendServer::~BackendServer() { stop_all_rings(); }
+BackendServer::~BackendServer() {
+  stop_all_rings();
+}
 
 std::uint64_t BackendServer::offered_features() const {
   std::uint64_t f = device_.device_features() | bit(virtio::kFVersion1) | bit(kFProtocolFeatures) |
@@ -129,7 +127,8 @@ Result<UniqueFd, std::string> BackendServer::listen_unix(const std::string& path
   if (!fd.valid()) return unexpected(fmt::format("socket: {}", std::strerror(errno)));
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
     return unexpected(fmt::format("bind {}: {}", path, std::strerror(errno)));
-  if (::listen(fd.get(), 1) != 0) return unexpected(fmt::format("listen {}: {}", path, std::strerror(errno)));
+  if (::listen(fd.get(), 1) != 0)
+    return unexpected(fmt::format("listen {}: {}", path, std::strerror(errno)));
   return fd;
 }
 
@@ -184,8 +183,8 @@ void BackendServer::serve(UniqueFd conn) {
       continue;
     }
     Request req = m->req();
-    log(LogLevel::debug, "{}: {} (flags {:#x}, {} bytes, {} fds)", device_.name(), to_string(req), m->flags,
-        m->payload.size(), m->fds.size());
+    log(LogLevel::debug, "{}: {} (flags {:#x}, {} bytes, {} fds)", device_.name(), to_string(req),
+        m->flags, m->payload.size(), m->fds.size());
     Reply r = (needs_owner(req) && !owner_)
                   ? Reply(unexpected(std::string("front-end has not sent SET_OWNER")))
                   : handle(*m);
@@ -202,13 +201,15 @@ void BackendServer::serve(UniqueFd conn) {
     } else if (!r && has_natural_reply(req)) {
       // Keep the conversation in step: answer with the neutral value.
       out = req == Request::get_config ? reply_of(*m, ConfigHeader{0, 0, 0})
-            : req == Request::get_vring_base ? reply_of(*m, VringState{m->as<VringState>().index, 0})
-            : req == Request::set_log_base   ? Message::make_empty(m->request, kVersion | kFlagReply)
-                                             : reply_u64(*m, 0);
+            : req == Request::get_vring_base
+                ? reply_of(*m, VringState{m->as<VringState>().index, 0})
+            : req == Request::set_log_base ? Message::make_empty(m->request, kVersion | kFlagReply)
+                                           : reply_u64(*m, 0);
     }
     if (out) {
       if (auto w = write_message(conn.get(), *out); !w) {
-        log(LogLevel::error, "{}: reply to {}: {}", device_.name(), to_string(req), w.error().message());
+        log(LogLevel::error, "{}: reply to {}: {}", device_.name(), to_string(req),
+            w.error().message());
         break;
       }
     }
@@ -253,50 +254,42 @@ void BackendServer::reset_connection() {
 
 Result<BackendServer::Queue*, std::string> BackendServer::queue(std::uint32_t index) {
   if (index >= queues_.size())
-    return unexpected(fmt::format("queue index {} out of range (device has {})", index, queues_.size()));
+    return unexpected(
+        fmt::format("queue index {} out of range (device has {})", index, queues_.size()));
   return &queues_[index];
 }
 
 BackendServer::Reply BackendServer::handle(Message& m) {
   switch (m.req()) {
-    case Request::get_features:
-      return reply_u64(m, offered_features());
-    case Request::set_features:
-      return set_features(m.u64());
-    case Request::set_owner:
-      owner_ = true;
-      return std::nullopt;
+    case Request::get_features: return reply_u64(m, offered_features());
+    case Request::set_features: return set_features(m.u64());
+    case Request::set_owner: owner_ = true; return std::nullopt;
     case Request::reset_owner:  // deprecated: disable every ring
       stop_all_rings();
       return std::nullopt;
-    case Request::get_protocol_features:
-      return reply_u64(m, offered_protocol_features());
+    case Request::get_protocol_features: return reply_u64(m, offered_protocol_features());
     case Request::set_protocol_features: {
       std::uint64_t f = m.u64();
       if (f & ~offered_protocol_features())
-        return unexpected(fmt::format("protocol features {:#x} not offered", f & ~offered_protocol_features()));
+        return unexpected(
+            fmt::format("protocol features {:#x} not offered", f & ~offered_protocol_features()));
       protocol_features_ = f;
       return std::nullopt;
     }
-    case Request::get_queue_num:
-      return reply_u64(m, queues_.size());
-    case Request::get_max_mem_slots:
-      return reply_u64(m, options_.max_mem_slots);
-    case Request::set_mem_table:
-      return set_mem_table(m);
-    case Request::add_mem_reg:
-      return add_mem_reg(m);
-    case Request::rem_mem_reg:
-      return rem_mem_reg(m);
-    case Request::set_log_base:
-      return set_log_base(m);
+    case Request::get_queue_num: return reply_u64(m, queues_.size());
+    case Request::get_max_mem_slots: return reply_u64(m, options_.max_mem_slots);
+    case Request::set_mem_table: return set_mem_table(m);
+    case Request::add_mem_reg: return add_mem_reg(m);
+    case Request::rem_mem_reg: return rem_mem_reg(m);
+    case Request::set_log_base: return set_log_base(m);
     case Request::set_log_fd:  // the log eventfd is optional and unused: close it
       return std::nullopt;
     case Request::set_vring_num: {
       auto s = m.as<VringState>();
       auto q = queue(s.index);
       if (!q) return unexpected(q.error());
-      if ((*q)->runner->running()) return unexpected(std::string("SET_VRING_NUM on a running ring"));
+      if ((*q)->runner->running())
+        return unexpected(std::string("SET_VRING_NUM on a running ring"));
       if (s.num == 0 || s.num > virtio::kMaxQueueSize)
         return unexpected(fmt::format("queue size {} out of range", s.num));
       (*q)->num = s.num;
@@ -320,14 +313,13 @@ BackendServer::Reply BackendServer::handle(Message& m) {
       auto s = m.as<VringState>();
       auto q = queue(s.index);
       if (!q) return unexpected(q.error());
-      if ((*q)->runner->running()) return unexpected(std::string("SET_VRING_BASE on a running ring"));
+      if ((*q)->runner->running())
+        return unexpected(std::string("SET_VRING_BASE on a running ring"));
       (*q)->base = s.num;
       return std::nullopt;
     }
-    case Request::get_vring_base:
-      return get_vring_base(m);
-    case Request::set_vring_kick:
-      return set_vring_kick(m);
+    case Request::get_vring_base: return get_vring_base(m);
+    case Request::set_vring_kick: return set_vring_kick(m);
     case Request::set_vring_call: {
       auto q = queue(static_cast<std::uint32_t>(m.u64() & kVringIndexMask));
       if (!q) return unexpected(q.error());
@@ -355,13 +347,13 @@ BackendServer::Reply BackendServer::handle(Message& m) {
       backend_fd_ = std::move(m.fds[0]);
       return std::nullopt;
     }
-    case Request::iotlb_msg:
-      return iotlb_msg(m);
+    case Request::iotlb_msg: return iotlb_msg(m);
     case Request::get_config: {
       auto h = m.as<ConfigHeader>();
       auto cfg = device_.config();
       if (static_cast<std::uint64_t>(h.offset) + h.size > cfg.size())
-        return unexpected(fmt::format("config read [{}, +{}) beyond {} bytes", h.offset, h.size, cfg.size()));
+        return unexpected(
+            fmt::format("config read [{}, +{}) beyond {} bytes", h.offset, h.size, cfg.size()));
       Message r = Message::make_empty(m.request, kVersion | kFlagReply);
       r.payload.resize(sizeof(ConfigHeader) + h.size);
       std::memcpy(r.payload.data(), &h, sizeof h);
@@ -374,11 +366,8 @@ BackendServer::Reply BackendServer::handle(Message& m) {
         return unexpected(fmt::format("config write at {} of {} bytes refused", h.offset, h.size));
       return std::nullopt;
     }
-    case Request::set_status:
-      status_ = static_cast<std::uint8_t>(m.u64());
-      return std::nullopt;
-    case Request::get_status:
-      return reply_u64(m, status_);
+    case Request::set_status: status_ = static_cast<std::uint8_t>(m.u64()); return std::nullopt;
+    case Request::get_status: return reply_u64(m, status_);
     case Request::reset_device:
       stop_all_rings();
       device_.reset();
@@ -386,8 +375,7 @@ BackendServer::Reply BackendServer::handle(Message& m) {
       features_set_ = false;
       status_ = 0;
       return std::nullopt;
-    default:
-      return unexpected(fmt::format("{} is not supported", to_string(m.req())));
+    default: return unexpected(fmt::format("{} is not supported", to_string(m.req())));
   }
 }
 
@@ -444,7 +432,8 @@ BackendServer::Reply BackendServer::add_mem_reg(Message& m) {
 
 BackendServer::Reply BackendServer::rem_mem_reg(const Message& m) {
   auto r = m.as<SingleMemRegion>().region;
-  if (auto ok = space_->remove_region(Gpa(r.gpa), r.size); !ok) return unexpected(ok.error().message());
+  if (auto ok = space_->remove_region(Gpa(r.gpa), r.size); !ok)
+    return unexpected(ok.error().message());
   // After the ack the front-end may unmap the region: no worker may still use it.
   if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
   return std::nullopt;
@@ -464,11 +453,13 @@ BackendServer::Reply BackendServer::set_log_base(Message& m) {
 
 Result<void, std::string> BackendServer::start_ring(std::uint32_t index, UniqueFd kick) {
   Queue& q = queues_[index];
-  if (q.num == 0 || !q.addr) return unexpected(fmt::format("queue {} started before SET_VRING_NUM/ADDR", index));
+  if (q.num == 0 || !q.addr)
+    return unexpected(fmt::format("queue {} started before SET_VRING_NUM/ADDR", index));
   QueueConfig c;
   c.format = has(virtio::kFRingPacked) ? RingFormat::packed : RingFormat::split;
   c.size = static_cast<std::uint16_t>(q.num == virtio::kMaxQueueSize ? 0 : q.num);
-  if (q.num == virtio::kMaxQueueSize) return unexpected(std::string("queue size 32768 is not supported"));
+  if (q.num == virtio::kMaxQueueSize)
+    return unexpected(std::string("queue size 32768 is not supported"));
   c.indirect = has(virtio::kFRingIndirectDesc);
   c.event_idx = has(virtio::kFRingEventIdx);
   // Ring addresses: IOVAs with the IOMMU, GPAs with GPA_ADDRESSES, else frontend
@@ -539,7 +530,8 @@ BackendServer::Reply BackendServer::iotlb_msg(const Message& m) {
   if (!has(virtio::kFAccessPlatform))
     return unexpected(std::string("IOTLB message without VIRTIO_F_ACCESS_PLATFORM"));
   if (t.type == kIotlbUpdate) {
-    if (t.perm == 0 || t.perm > 3) return unexpected(fmt::format("IOTLB update with permission {}", t.perm));
+    if (t.perm == 0 || t.perm > 3)
+      return unexpected(fmt::format("IOTLB update with permission {}", t.perm));
     auto perm = static_cast<Access>(t.perm);
     auto r = has_protocol(protocol::kGpaAddresses)
                  ? space_->iotlb_update(Iova(t.iova), t.size, Gpa(t.uaddr), perm)
@@ -549,7 +541,8 @@ BackendServer::Reply BackendServer::iotlb_msg(const Message& m) {
     return std::nullopt;
   }
   if (t.type == kIotlbInvalidate) {
-    if (auto r = space_->iotlb_invalidate(Iova(t.iova), t.size); !r) return unexpected(r.error().message());
+    if (auto r = space_->iotlb_invalidate(Iova(t.iova), t.size); !r)
+      return unexpected(r.error().message());
     // After the ack the guest may reuse the memory: no worker may still translate
     // through the removed entry.
     if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
@@ -565,8 +558,8 @@ void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
         device_.name(), queue, miss.addr.value);
     return;
   }
-  log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x} ({})", device_.name(), queue, miss.addr.value,
-      to_string(miss.access));
+  log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x} ({})", device_.name(), queue,
+      miss.addr.value, to_string(miss.access));
   IotlbMsg t{};
   t.iova = miss.addr.value;
   t.perm = static_cast<std::uint8_t>(miss.access);

@@ -28,7 +28,9 @@ QueueRunner::QueueRunner(std::uint32_t index, AddressSpace& space, Device& devic
       vq_(space),
       wake_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
 
-QueueRunner::~QueueRunner() { (void)stop(); }
+QueueRunner::~QueueRunner() {
+  (void)stop();
+}
 
 Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const RingState& state,
                                                 bool used_from_ring, UniqueFd kick) {

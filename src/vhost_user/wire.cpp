@@ -103,7 +103,8 @@ Result<void, CodecError> validate_request(const Message& m) {
   if ((m.flags & kVersionMask) != kVersion)
     return unexpected(err(CodecErrc::bad_version, m, m.flags & kVersionMask));
   if (m.flags & kFlagReply) return unexpected(err(CodecErrc::unexpected_flags, m, m.flags));
-  if (m.payload.size() > kMaxPayload) return unexpected(err(CodecErrc::too_large, m, m.payload.size()));
+  if (m.payload.size() > kMaxPayload)
+    return unexpected(err(CodecErrc::too_large, m, m.payload.size()));
   switch (m.req()) {
     case Request::get_features:
     case Request::set_owner:
@@ -112,14 +113,12 @@ Result<void, CodecError> validate_request(const Message& m) {
     case Request::get_queue_num:
     case Request::reset_device:
     case Request::get_max_mem_slots:
-    case Request::get_status:
-      return expect(m, 0, 0);
+    case Request::get_status: return expect(m, 0, 0);
     case Request::set_features:
     case Request::set_protocol_features:
     case Request::set_status:
     case Request::send_rarp:
-    case Request::net_set_mtu:
-      return expect(m, 8, 0);
+    case Request::net_set_mtu: return expect(m, 8, 0);
     case Request::set_mem_table: {
       if (m.payload.size() < sizeof(MemTableHeader))
         return unexpected(err(CodecErrc::bad_size, m, m.payload.size()));
@@ -130,23 +129,20 @@ Result<void, CodecError> validate_request(const Message& m) {
       std::size_t padded = sizeof(MemTableHeader) + kMaxFds * sizeof(MemRegion);
       if (m.payload.size() != exact && m.payload.size() != padded)
         return unexpected(err(CodecErrc::bad_size, m, m.payload.size()));
-      if (m.fds.size() != h.nregions) return unexpected(err(CodecErrc::bad_fd_count, m, m.fds.size()));
+      if (m.fds.size() != h.nregions)
+        return unexpected(err(CodecErrc::bad_fd_count, m, m.fds.size()));
       return {};
     }
-    case Request::set_log_base:
-      return expect(m, sizeof(LogDesc), 1);
+    case Request::set_log_base: return expect(m, sizeof(LogDesc), 1);
     case Request::set_log_fd:
-    case Request::set_backend_req_fd:
-      return expect(m, 0, 1);
+    case Request::set_backend_req_fd: return expect(m, 0, 1);
     case Request::set_vring_num:
     case Request::set_vring_base:
     case Request::get_vring_base:
     case Request::set_vring_enable:
     case Request::set_vring_endian:
-    case Request::vring_kick:
-      return expect(m, sizeof(VringState), 0);
-    case Request::set_vring_addr:
-      return expect(m, sizeof(VringAddr), 0);
+    case Request::vring_kick: return expect(m, sizeof(VringState), 0);
+    case Request::set_vring_addr: return expect(m, sizeof(VringAddr), 0);
     case Request::set_vring_kick:
     case Request::set_vring_call:
     case Request::set_vring_err: {
@@ -154,8 +150,7 @@ Result<void, CodecError> validate_request(const Message& m) {
       bool nofd = (m.u64() & kVringNoFd) != 0;
       return expect(m, 8, nofd ? 0 : 1);
     }
-    case Request::iotlb_msg:
-      return expect(m, sizeof(IotlbMsg), 0);
+    case Request::iotlb_msg: return expect(m, sizeof(IotlbMsg), 0);
     case Request::get_config:
     case Request::set_config: {
       if (m.payload.size() < sizeof(ConfigHeader))
@@ -164,8 +159,7 @@ Result<void, CodecError> validate_request(const Message& m) {
       if (h.size > kMaxConfigSize) return unexpected(err(CodecErrc::bad_size, m, h.size));
       return expect(m, sizeof(ConfigHeader) + h.size, 0);
     }
-    case Request::add_mem_reg:
-      return expect(m, sizeof(SingleMemRegion), 1);
+    case Request::add_mem_reg: return expect(m, sizeof(SingleMemRegion), 1);
     case Request::rem_mem_reg:
       // No fd is needed; some front-ends send the region's fd anyway (it is closed).
       if (m.payload.size() != sizeof(SingleMemRegion))
@@ -243,7 +237,8 @@ Result<Message, CodecError> read_message(int fd) {
 }
 
 Result<void, CodecError> write_message(int fd, const Message& m) {
-  if (m.fds.size() > kMaxFds) return unexpected(CodecError{CodecErrc::too_many_fds, m.request, m.fds.size(), 0});
+  if (m.fds.size() > kMaxFds)
+    return unexpected(CodecError{CodecErrc::too_many_fds, m.request, m.fds.size(), 0});
   std::uint8_t header[kHeaderSize];
   auto size = static_cast<std::uint32_t>(m.payload.size());
   std::memcpy(header, &m.request, 4);

@@ -32,8 +32,7 @@ Result<PopResult, VirtqueueError> Virtqueue::pop_split(ChainBatch& out, std::siz
     std::uint16_t i = head;
     bool complete = false;
     while (true) {
-      if (++count > n)
-        return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, head}));
+      if (++count > n) return unexpected(fail(VirtqueueError{VirtqueueErrc::chain_too_long, head}));
       HostPtr p = desc_.at(16ULL * i, 16);
       if (p == nullptr) return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, i}));
       auto d = detail::snapshot_of<SplitDesc>(p);
@@ -105,11 +104,12 @@ Result<bool, VirtqueueError> Virtqueue::push_split(std::span<const Completion> d
   // the driver's suppression state (the driver does the mirror image).
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (config_.event_idx) {
-    auto used_event = detail::load<std::uint16_t>(driver_.at(split::used_event(n), 2),
-                                                  std::memory_order_relaxed);
+    auto used_event =
+        detail::load<std::uint16_t>(driver_.at(split::used_event(n), 2), std::memory_order_relaxed);
     return need_event(used_event, idx, old_used);
   }
-  auto flags = detail::load<std::uint16_t>(driver_.at(split::kAvailFlags, 2), std::memory_order_relaxed);
+  auto flags =
+      detail::load<std::uint16_t>(driver_.at(split::kAvailFlags, 2), std::memory_order_relaxed);
   return (flags & kAvailFNoInterrupt) == 0;
 }
 
@@ -120,8 +120,8 @@ Result<bool, VirtqueueError> Virtqueue::set_kick_enabled(bool enabled) {
     std::uint16_t flags = enabled ? kEventFlagsEnable : kEventFlagsDisable;
     if (enabled && config_.event_idx) {
       flags = kEventFlagsDesc;
-      auto off_wrap = static_cast<std::uint16_t>(state_.avail_idx |
-                                                 (state_.avail_wrap ? packed::kWrapBit : 0));
+      auto off_wrap =
+          static_cast<std::uint16_t>(state_.avail_idx | (state_.avail_wrap ? packed::kWrapBit : 0));
       detail::store<std::uint16_t>(device_.at(0, 2), off_wrap, std::memory_order_relaxed);
     }
     detail::store<std::uint16_t>(device_.at(2, 2), flags, std::memory_order_relaxed);
@@ -130,7 +130,8 @@ Result<bool, VirtqueueError> Virtqueue::set_kick_enabled(bool enabled) {
     // Kick me when avail->idx passes our position.
     detail::store<std::uint16_t>(device_.at(split::avail_event(n), 2), state_.avail_idx,
                                  std::memory_order_relaxed);
-    if (auto r = log_ring(device_, split::avail_event(n), 2); !r) return unexpected(fail(r.error()));
+    if (auto r = log_ring(device_, split::avail_event(n), 2); !r)
+      return unexpected(fail(r.error()));
   } else {
     auto p = device_.at(split::kUsedFlags, 2);
     detail::store<std::uint16_t>(p, enabled ? 0 : kUsedFNoNotify, std::memory_order_relaxed);
@@ -154,7 +155,8 @@ bool Virtqueue::has_available() {
     bool used = (flags & kPackedDescFUsed) != 0;
     return avail == state_.avail_wrap && used != state_.avail_wrap;
   }
-  auto idx = detail::load<std::uint16_t>(driver_.at(split::kAvailIdx, 2), std::memory_order_acquire);
+  auto idx =
+      detail::load<std::uint16_t>(driver_.at(split::kAvailIdx, 2), std::memory_order_acquire);
   return idx != state_.avail_idx;
 }
 

@@ -23,8 +23,10 @@ const char* to_string(VirtqueueErrc e) {
     case VirtqueueErrc::nested_indirect: return "indirect descriptor inside an indirect table";
     case VirtqueueErrc::indirect_not_negotiated: return "indirect descriptor without INDIRECT_DESC";
     case VirtqueueErrc::indirect_with_next: return "indirect descriptor with NEXT set";
-    case VirtqueueErrc::bad_indirect_size: return "indirect table size is 0 or not a multiple of 16";
-    case VirtqueueErrc::readable_after_writable: return "driver-readable descriptor after a device-writable one";
+    case VirtqueueErrc::bad_indirect_size:
+      return "indirect table size is 0 or not a multiple of 16";
+    case VirtqueueErrc::readable_after_writable:
+      return "driver-readable descriptor after a device-writable one";
     case VirtqueueErrc::length_overflow: return "chain length exceeds 4 GiB";
     case VirtqueueErrc::bad_buffer: return "buffer not in guest memory or not permitted";
     case VirtqueueErrc::bad_completion: return "completion for a chain that is not outstanding";
@@ -85,8 +87,8 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
     // Resume where the used ring says the previous device stopped. If the ring is not
     // translatable yet (IOTLB miss) it is read when it first maps.
     if (auto m = ensure_mapped(); m) {
-      state_.used_idx = detail::load<std::uint16_t>(device_.at(split::kUsedIdx, 2),
-                                                    std::memory_order_acquire);
+      state_.used_idx =
+          detail::load<std::uint16_t>(device_.at(split::kUsedIdx, 2), std::memory_order_acquire);
     } else if (broken_) {
       return unexpected(*broken_);
     } else {
@@ -185,7 +187,8 @@ Result<void, VirtqueueError> Virtqueue::map_rings() {
 }
 
 Result<void, VirtqueueError> Virtqueue::ensure_mapped() {
-  if (broken_) return unexpected(VirtqueueError{VirtqueueErrc::broken, broken_->index, broken_->addr});
+  if (broken_)
+    return unexpected(VirtqueueError{VirtqueueErrc::broken, broken_->index, broken_->addr});
   if (!started_) return unexpected(VirtqueueError{VirtqueueErrc::not_started});
   if (mapped_ && tr_.sync() == ring_generation_) return {};
   mapped_ = false;
@@ -219,9 +222,8 @@ Result<void, VirtqueueError> Virtqueue::log_ring(const RingArea& area, std::uint
 }
 
 Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& chain,
-                                                                    std::uint64_t addr,
-                                                                    std::uint32_t len, bool writable,
-                                                                    bool& seen_writable) {
+                                                   std::uint64_t addr, std::uint32_t len,
+                                                   bool writable, bool& seen_writable) {
   if (writable) {
     seen_writable = true;
     if (static_cast<std::uint64_t>(chain.writable_len) + len > UINT32_MAX)
@@ -229,7 +231,8 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
     chain.writable_len += len;
   } else {
     if (seen_writable)
-      return unexpected(fail(VirtqueueError{VirtqueueErrc::readable_after_writable, chain.id, addr}));
+      return unexpected(
+          fail(VirtqueueError{VirtqueueErrc::readable_after_writable, chain.id, addr}));
     if (static_cast<std::uint64_t>(chain.readable_len) + len > UINT32_MAX)
       return unexpected(fail(VirtqueueError{VirtqueueErrc::length_overflow, chain.id, addr}));
     chain.readable_len += len;
@@ -301,9 +304,9 @@ std::size_t Virtqueue::collect_misses(std::vector<TranslateError>& out, std::siz
   return out.size() - before;
 }
 
-Result<bool, VirtqueueError> Virtqueue::walk_indirect(
-    ChainBatch& out, DescChain& chain, std::uint64_t addr, std::uint32_t len, bool& seen_writable,
-    std::uint32_t& count) {
+Result<bool, VirtqueueError> Virtqueue::walk_indirect(ChainBatch& out, DescChain& chain,
+                                                      std::uint64_t addr, std::uint32_t len,
+                                                      bool& seen_writable, std::uint32_t& count) {
   bool packed = config_.format == RingFormat::packed;
   if (!config_.indirect)
     return unexpected(fail(VirtqueueError{VirtqueueErrc::indirect_not_negotiated, chain.id, addr}));
@@ -335,7 +338,8 @@ Result<bool, VirtqueueError> Virtqueue::walk_indirect(
       auto d = detail::snapshot_of<virtio::PackedDesc>(table + 16ULL * i);
       if (d.flags & virtio::kDescFIndirect)
         return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
-      auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
+      auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0,
+                          seen_writable);
       if (!r || !*r) return r;
     }
     return true;
@@ -347,7 +351,8 @@ Result<bool, VirtqueueError> Virtqueue::walk_indirect(
     auto d = detail::snapshot_of<virtio::SplitDesc>(table + 16ULL * i);
     if (d.flags & virtio::kDescFIndirect)
       return unexpected(fail(VirtqueueError{VirtqueueErrc::nested_indirect, chain.id, d.addr}));
-    auto r = add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
+    auto r =
+        add_buffer(out, chain, d.addr, d.len, (d.flags & virtio::kDescFWrite) != 0, seen_writable);
     if (!r || !*r) return r;
     if (!(d.flags & virtio::kDescFNext)) return true;
     if (d.next >= entries)

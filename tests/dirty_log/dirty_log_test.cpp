@@ -20,7 +20,8 @@ struct FileView {
   std::uint8_t* p;
   std::size_t n;
   FileView(const UniqueFd& fd, std::size_t size) : n(size) {
-    p = static_cast<std::uint8_t*>(::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0));
+    p = static_cast<std::uint8_t*>(
+        ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0));
   }
   ~FileView() { ::munmap(p, n); }
 };
@@ -43,8 +44,8 @@ TEST_P(DirtyLogOffset, BitsLandAtFileOffset) {
   FileView view(fd, 4 * 4096);
   auto log = DirtyLog::map(dup_fd(fd), 4096, off);
   ASSERT_TRUE(log);
-  ASSERT_TRUE((*log)->mark(Gpa(0), 1));               // page 0 -> byte 0 bit 0
-  ASSERT_TRUE((*log)->mark(Gpa(9 * 4096 + 5), 1));    // page 9 -> byte 1 bit 1
+  ASSERT_TRUE((*log)->mark(Gpa(0), 1));                            // page 0 -> byte 0 bit 0
+  ASSERT_TRUE((*log)->mark(Gpa(9 * 4096 + 5), 1));                 // page 9 -> byte 1 bit 1
   ASSERT_TRUE((*log)->mark(Gpa((4096ULL * 8 - 1) * 4096), 4096));  // last page: byte 4095 bit 7
   EXPECT_EQ(view.p[off + 0], 0x01);
   EXPECT_EQ(view.p[off + 1], 0x02);

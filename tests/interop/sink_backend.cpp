@@ -1,8 +1,8 @@
 // A vhost-user back-end program for interoperability tests: serves a device with N
 // queues that consumes whatever the driver offers on odd queues (a network device's
 // transmit queues) and, with --source, fills the buffers of even queues (receive) with
-// 60-byte broadcast frames behind a 12-byte virtio-net header; otherwise it leaves them. Follows QEMU's back-end
-// program conventions for --socket-path / --fd; exits cleanly on SIGTERM and prints
+// 60-byte broadcast frames behind a 12-byte virtio-net header; otherwise it leaves them. Follows
+// QEMU's back-end program conventions for --socket-path / --fd; exits cleanly on SIGTERM and prints
 //   STATS messages=<n> rejected=<n> chains_q<i>=<n> bytes_q<i>=<n>
 // on stderr. Every request is logged at debug level (--log-level debug).
 #include <signal.h>
@@ -102,13 +102,20 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--socket-path") path = value("--socket-path");
-    else if (a == "--fd") fd = std::stoi(value("--fd"));
-    else if (a == "--queues") queues = static_cast<std::uint32_t>(std::stoul(value("--queues")));
-    else if (a == "--source") source = true;
-    else if (a == "--log-level") level = value("--log-level") == "debug" ? LogLevel::debug : LogLevel::info;
+    if (a == "--socket-path")
+      path = value("--socket-path");
+    else if (a == "--fd")
+      fd = std::stoi(value("--fd"));
+    else if (a == "--queues")
+      queues = static_cast<std::uint32_t>(std::stoul(value("--queues")));
+    else if (a == "--source")
+      source = true;
+    else if (a == "--log-level")
+      level = value("--log-level") == "debug" ? LogLevel::debug : LogLevel::info;
     else {
-      std::fprintf(stderr, "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--source] [--log-level debug]\n");
+      std::fprintf(stderr,
+                   "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--source] "
+                   "[--log-level debug]\n");
       return 2;
     }
   }
@@ -116,9 +123,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "sink_backend: give exactly one of --socket-path and --fd\n");
     return 2;
   }
-  set_log_sink([](LogLevel l, std::string_view line) {
-    std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()), line.data());
-  }, level);
+  set_log_sink(
+      [](LogLevel l, std::string_view line) {
+        std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()),
+                     line.data());
+      },
+      level);
   SinkDevice device(queues, source);
   BackendServer server(device);
   g_server = &server;
@@ -139,10 +149,12 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "sink_backend: listening\n");
   auto r = server.run(listener.get());
-  std::fprintf(stderr, "STATS messages=%llu rejected=%llu", static_cast<unsigned long long>(server.messages_handled()),
+  std::fprintf(stderr, "STATS messages=%llu rejected=%llu",
+               static_cast<unsigned long long>(server.messages_handled()),
                static_cast<unsigned long long>(server.messages_rejected()));
   for (std::uint32_t q = 0; q < queues; ++q)
-    std::fprintf(stderr, " chains_q%u=%llu bytes_q%u=%llu", q, static_cast<unsigned long long>(device.chains_[q].load()), q,
+    std::fprintf(stderr, " chains_q%u=%llu bytes_q%u=%llu", q,
+                 static_cast<unsigned long long>(device.chains_[q].load()), q,
                  static_cast<unsigned long long>(device.bytes_[q].load()));
   std::fprintf(stderr, "\n");
   if (!path.empty()) ::unlink(path.c_str());

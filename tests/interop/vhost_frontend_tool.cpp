@@ -28,23 +28,34 @@ int main(int argc, char** argv) {
   bool iommu = false, expect_echo = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--socket-path" && i + 1 < argc) path = argv[++i];
-    else if (a == "--packets" && i + 1 < argc) packets = std::atoi(argv[++i]);
-    else if (a == "--iommu") iommu = true;
-    else if (a == "--expect-echo") expect_echo = true;
+    if (a == "--socket-path" && i + 1 < argc)
+      path = argv[++i];
+    else if (a == "--packets" && i + 1 < argc)
+      packets = std::atoi(argv[++i]);
+    else if (a == "--iommu")
+      iommu = true;
+    else if (a == "--expect-echo")
+      expect_echo = true;
     else {
-      std::fprintf(stderr, "usage: vhost_frontend_tool --socket-path PATH [--packets N] [--iommu] [--expect-echo]\n");
+      std::fprintf(stderr,
+                   "usage: vhost_frontend_tool --socket-path PATH [--packets N] [--iommu] "
+                   "[--expect-echo]\n");
       return 2;
     }
   }
-  set_log_sink([](LogLevel l, std::string_view line) {
-    std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()), line.data());
-  }, LogLevel::info);
+  set_log_sink(
+      [](LogLevel l, std::string_view line) {
+        std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()),
+                     line.data());
+      },
+      LogLevel::info);
   std::unique_ptr<FrontendClient> client;
   for (int attempt = 0; attempt < 100 && !client; ++attempt) {
     auto c = FrontendClient::connect(path);
-    if (c) client = std::move(*c);
-    else std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (c)
+      client = std::move(*c);
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   if (!client) {
     std::fprintf(stderr, "vhost_frontend_tool: cannot connect to %s\n", path.c_str());
@@ -115,20 +126,22 @@ int main(int argc, char** argv) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   auto last_progress = std::chrono::steady_clock::now();
   int last_received = 0;
-  while ((sent < packets || (expect_echo && received < sent)) && std::chrono::steady_clock::now() < deadline) {
+  while ((sent < packets || (expect_echo && received < sent)) &&
+         std::chrono::steady_clock::now() < deadline) {
     // A back-end that drops (DPDK drops a packet whose buffer misses in its IOTLB) never
     // echoes everything: stop once nothing has come back for two seconds.
     if (received != last_received) {
       last_received = received;
       last_progress = std::chrono::steady_clock::now();
-    } else if (sent == packets && std::chrono::steady_clock::now() - last_progress > std::chrono::seconds(2)) {
+    } else if (sent == packets &&
+               std::chrono::steady_clock::now() - last_progress > std::chrono::seconds(2)) {
       break;
     }
     while (sent < packets && tx->free_descriptors() > 0) {
       std::uint8_t frame[12 + 64] = {};
       std::uint8_t* eth = frame + 12;
-      std::memset(eth, 0x02, 6);       // destination
-      std::memset(eth + 6, 0x04, 6);   // source
+      std::memset(eth, 0x02, 6);      // destination
+      std::memset(eth + 6, 0x04, 6);  // source
       eth[12] = 0x88;
       eth[13] = 0xb5;
       std::snprintf(reinterpret_cast<char*>(eth + 14), 40, "vhostkit frame %08d", sent);

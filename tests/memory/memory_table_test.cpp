@@ -217,14 +217,14 @@ TEST(MemoryTable, DetectsAliasedRegions) {
   auto s = t.snapshot();
   ASSERT_TRUE(s->has_aliases());
   std::vector<std::pair<std::uint64_t, std::uint64_t>> seen;
-  s->for_each_alias(Gpa(kMiB + 4096), 8192, [&](Gpa g, std::uint64_t n) {
-    seen.emplace_back(g.value, n);
-  });
+  s->for_each_alias(Gpa(kMiB + 4096), 8192,
+                    [&](Gpa g, std::uint64_t n) { seen.emplace_back(g.value, n); });
   ASSERT_EQ(seen.size(), 1u);
   EXPECT_EQ(seen[0].first, 0x80000000u + 4096);
   EXPECT_EQ(seen[0].second, 8192u);
   seen.clear();
-  s->for_each_alias(Gpa(0x80000000), 16, [&](Gpa g, std::uint64_t n) { seen.emplace_back(g.value, n); });
+  s->for_each_alias(Gpa(0x80000000), 16,
+                    [&](Gpa g, std::uint64_t n) { seen.emplace_back(g.value, n); });
   ASSERT_EQ(seen.size(), 1u);
   EXPECT_EQ(seen[0].first, kMiB);
   seen.clear();

@@ -24,7 +24,9 @@ inline UniqueFd make_memfd(std::uint64_t size, const char* name = "vhostkit-test
 }
 
 // A duplicate of fd (the memory table consumes the fd it is given).
-inline UniqueFd dup_fd(const UniqueFd& fd) { return UniqueFd(::dup(fd.get())); }
+inline UniqueFd dup_fd(const UniqueFd& fd) {
+  return UniqueFd(::dup(fd.get()));
+}
 
 inline RegionSpec region(UniqueFd fd, std::uint64_t offset, std::uint64_t size, std::uint64_t gpa,
                          std::uint64_t uaddr) {

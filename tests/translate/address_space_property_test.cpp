@@ -89,7 +89,8 @@ struct Model {
       std::uint64_t a, Access access) const {
     std::uint64_t g = a;
     if (iommu) {
-      if (a < kIovaBase || a - kIovaBase >= tlb.size()) return unexpected(TranslateErrc::iotlb_miss);
+      if (a < kIovaBase || a - kIovaBase >= tlb.size())
+        return unexpected(TranslateErrc::iotlb_miss);
       const Tlb& t = tlb[a - kIovaBase];
       if (t.gpa < 0) return unexpected(TranslateErrc::iotlb_miss);
       if (!permits(t.perm, access)) return unexpected(TranslateErrc::permission_denied);
@@ -170,11 +171,13 @@ void run(const std::vector<Op>& ops, LogMode mode) {
       case 0: {  // SET_MEM_TABLE with 1-3 regions
         std::vector<ModelRegion> rs;
         std::uint32_t seed = a;
-        for (std::uint32_t i = 0; i <= b % 3; ++i) rs.push_back(region_from(seed * (i + 1) + c * i, d + 17 * i * c));
+        for (std::uint32_t i = 0; i <= b % 3; ++i)
+          rs.push_back(region_from(seed * (i + 1) + c * i, d + 17 * i * c));
         bool overlap = false;
         for (std::size_t i = 0; i < rs.size(); ++i)
           for (std::size_t j = i + 1; j < rs.size(); ++j)
-            if (rs[i].gpa < rs[j].gpa + rs[j].size && rs[j].gpa < rs[i].gpa + rs[i].size) overlap = true;
+            if (rs[i].gpa < rs[j].gpa + rs[j].size && rs[j].gpa < rs[i].gpa + rs[i].size)
+              overlap = true;
         std::vector<RegionSpec> specs;
         for (const auto& r : rs) specs.push_back(h.spec(r));
         auto res = h.space.set_mem_table(std::move(specs));
@@ -214,7 +217,8 @@ void run(const std::vector<Op>& ops, LogMode mode) {
       case 4: {  // IOTLB update by GPA (3) or by uaddr (4)
         std::uint64_t iova = kIovaBase + a % (kIovaPages * kPage);
         std::uint64_t size = 1 + b % (4 * kPage);
-        if (iova + size > kIovaBase + kIovaPages * kPage) size = kIovaBase + kIovaPages * kPage - iova;
+        if (iova + size > kIovaBase + kIovaPages * kPage)
+          size = kIovaBase + kIovaPages * kPage - iova;
         auto perm = static_cast<Access>(1 + d % 3);
         std::vector<std::int64_t> gpas(size, -1);
         bool backed = true;
@@ -230,16 +234,20 @@ void run(const std::vector<Op>& ops, LogMode mode) {
           target = uaddr_of(c & 1, (c >> 1) % (kBackingPages * kPage));
           for (std::uint64_t k = 0; k < size && backed; ++k) {
             auto g = m.gpa_of_uaddr(target + k);
-            if (!g) backed = false;
-            else gpas[k] = static_cast<std::int64_t>(*g);
+            if (!g)
+              backed = false;
+            else
+              gpas[k] = static_cast<std::int64_t>(*g);
           }
         }
-        auto res = kind % 12 == 3 ? h.space.iotlb_update(Iova(iova), size, Gpa(target), perm)
-                                  : h.space.iotlb_update_uaddr(Iova(iova), size, Uaddr(target), perm);
+        auto res = kind % 12 == 3
+                       ? h.space.iotlb_update(Iova(iova), size, Gpa(target), perm)
+                       : h.space.iotlb_update_uaddr(Iova(iova), size, Uaddr(target), perm);
         RC_ASSERT(res.has_value() == backed);
         if (!backed) RC_ASSERT(res.error().code == IotlbErrc::not_backed);
         if (backed)
-          for (std::uint64_t k = 0; k < size; ++k) m.tlb[iova - kIovaBase + k] = Model::Tlb{gpas[k], perm};
+          for (std::uint64_t k = 0; k < size; ++k)
+            m.tlb[iova - kIovaBase + k] = Model::Tlb{gpas[k], perm};
         break;
       }
       case 5: {  // invalidate
@@ -262,7 +270,8 @@ void run(const std::vector<Op>& ops, LogMode mode) {
       case 7:
       case 8: {  // guest write through the translate path
         std::uint64_t len = 1 + b % (2 * kPage);
-        std::uint64_t addr = (m.iommu ? kIovaBase : 0) + a % ((m.iommu ? kIovaPages : kGpaPages) * kPage);
+        std::uint64_t addr =
+            (m.iommu ? kIovaBase : 0) + a % ((m.iommu ? kIovaPages : kGpaPages) * kPage);
         std::vector<std::uint8_t> data(len);
         for (std::uint64_t k = 0; k < len; ++k) data[k] = static_cast<std::uint8_t>(c + k * d);
         tr.begin_burst();
@@ -285,7 +294,8 @@ void run(const std::vector<Op>& ops, LogMode mode) {
       }
       case 9: {  // read and translate
         std::uint64_t len = 1 + b % (2 * kPage);
-        std::uint64_t addr = (m.iommu ? kIovaBase : 0) + a % ((m.iommu ? kIovaPages : kGpaPages) * kPage);
+        std::uint64_t addr =
+            (m.iommu ? kIovaBase : 0) + a % ((m.iommu ? kIovaPages : kGpaPages) * kPage);
         Access access = (c & 1) ? Access::read : Access::write;
         std::vector<Segment> segs(64);
         auto res = tr.translate(Iova(addr), len, access, segs);
@@ -342,7 +352,8 @@ RC_GTEST_PROP(AddressSpaceModel, AgreesWithModelImmediateLog, (const std::vector
 
 // The GPA and the legacy uaddr update forms of the same mapping install the same entries.
 RC_GTEST_PROP(AddressSpaceModel, GpaAndUaddrUpdatesAgree,
-              (std::uint32_t a, std::uint32_t b, std::uint32_t c, std::uint32_t d, std::uint32_t e)) {
+              (std::uint32_t a, std::uint32_t b, std::uint32_t c, std::uint32_t d,
+               std::uint32_t e)) {
   Harness h;
   std::vector<ModelRegion> rs{region_from(a, b), region_from(c, d)};
   if (rs[0].gpa < rs[1].gpa + rs[1].size && rs[1].gpa < rs[0].gpa + rs[0].size) rs.pop_back();

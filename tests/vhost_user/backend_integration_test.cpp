@@ -53,7 +53,15 @@ struct Rig {
 
   explicit Rig(RigOptions o) : viommu(o.mode), opt(o) {
     if (std::getenv("VHOSTKIT_TEST_LOG") != nullptr)
-      set_log_sink([](LogLevel l, std::string_view line) { std::fprintf(stderr, "%.6f [%s] %.*s\n", std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(), to_string(l), static_cast<int>(line.size()), line.data()); }, LogLevel::debug);
+      set_log_sink(
+          [](LogLevel l, std::string_view line) {
+            std::fprintf(
+                stderr, "%.6f [%s] %.*s\n",
+                std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+                    .count(),
+                to_string(l), static_cast<int>(line.size()), line.data());
+          },
+          LogLevel::debug);
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     server_thread = std::thread([this, fd = sv[0]] { server.serve(UniqueFd(fd)); });
@@ -66,7 +74,8 @@ struct Rig {
   }
   void bring_up() {
     ClientOptions co;
-    co.want_features = virtio::bit(virtio::kFRingIndirectDesc) | virtio::bit(virtio::kFRingEventIdx);
+    co.want_features =
+        virtio::bit(virtio::kFRingIndirectDesc) | virtio::bit(virtio::kFRingEventIdx);
     if (opt.iommu) co.want_features |= virtio::bit(virtio::kFAccessPlatform);
     if (opt.packed) co.want_features |= virtio::bit(virtio::kFRingPacked);
     co.want_gpa_addresses = opt.gpa_form;
@@ -104,8 +113,10 @@ struct Rig {
         std::uint64_t slot = static_cast<std::uint64_t>(sent % 64);
         Gpa out(base + slot * 0x2000), in(base + slot * 0x2000 + 0x1000);
         std::string payload = fmt::format("chain {} of run {}", sent, tag);
-        ASSERT_TRUE(mem.write(out, std::span(reinterpret_cast<const std::uint8_t*>(payload.data()), payload.size())));
-        std::vector<DriverBuffer> bufs{{out, static_cast<std::uint32_t>(payload.size()), false}, {in, 256, true}};
+        ASSERT_TRUE(mem.write(
+            out, std::span(reinterpret_cast<const std::uint8_t*>(payload.data()), payload.size())));
+        std::vector<DriverBuffer> bufs{{out, static_cast<std::uint32_t>(payload.size()), false},
+                                       {in, 256, true}};
         auto id = drv->add(bufs);
         ASSERT_TRUE(id.has_value()) << id.error();
         ids[*id] = sent;
@@ -118,14 +129,14 @@ struct Rig {
         ASSERT_EQ(u->len, expect.size());
         std::string echoed(expect.size(), '\0');
         std::uint64_t slot = static_cast<std::uint64_t>(which % 64);
-        ASSERT_TRUE(mem.read(Gpa(base + slot * 0x2000 + 0x1000),
-                             std::span(reinterpret_cast<std::uint8_t*>(echoed.data()), echoed.size())));
+        ASSERT_TRUE(
+            mem.read(Gpa(base + slot * 0x2000 + 0x1000),
+                     std::span(reinterpret_cast<std::uint8_t*>(echoed.data()), echoed.size())));
         ASSERT_EQ(echoed, expect);
         ++got;
       }
       if (opt.iommu && opt.mode == ViommuMode::lazy) viommu.flush();
       std::this_thread::sleep_for(50us);
-
     }
     EXPECT_EQ(drv->device_errors(), 0u);
   }
@@ -186,7 +197,8 @@ TEST(BackendIntegration, LoggingWithLegacyUpdatesAndAnOffsetLog) {
   rig.traffic(kA + 0x100000, 64, 6);
   DirtyLog* log = rig.client->log();
   // Every echoed buffer page is dirty at its GPA; no IOVA is ever marked.
-  for (std::uint64_t slot = 0; slot < 64; ++slot) EXPECT_TRUE(log->test((kA + 0x100000 + slot * 0x2000 + 0x1000) / 4096)) << slot;
+  for (std::uint64_t slot = 0; slot < 64; ++slot)
+    EXPECT_TRUE(log->test((kA + 0x100000 + slot * 0x2000 + 0x1000) / 4096)) << slot;
   EXPECT_TRUE(log->test(rig.drv->gpas().device.value / 4096));  // the used ring
   EXPECT_EQ(log->out_of_range_count(), 0u);
   // Logging off again: later writes leave the log alone.
@@ -197,7 +209,8 @@ TEST(BackendIntegration, DirtyLogMarksGpasNotIovasAndAddedRegions) {
   // A fresh rig whose guest memory already has a third region the back-end learns of
   // only through ADD_MEM_REG, after logging started.
   Rig rig({.iommu = true, .gpa_form = true});
-  rig.mem = std::move(*GuestMemory::create({{Gpa(kA), kASize}, {Gpa(kB), kBSize}, {Gpa(kB + 0x200000), 0x100000}}));
+  rig.mem = std::move(
+      *GuestMemory::create({{Gpa(kA), kASize}, {Gpa(kB), kBSize}, {Gpa(kB + 0x200000), 0x100000}}));
   // Send only the first two regions in SET_MEM_TABLE.
   ClientOptions co;
   co.want_features = virtio::bit(virtio::kFAccessPlatform) | virtio::bit(virtio::kFRingEventIdx);
@@ -208,7 +221,8 @@ TEST(BackendIntegration, DirtyLogMarksGpasNotIovasAndAddedRegions) {
   std::memcpy(m.payload.data(), &h, sizeof h);
   auto specs = rig.mem.region_specs();
   for (int i = 0; i < 2; ++i) {
-    vhost_user::MemRegion r{specs[i].gpa.value, specs[i].size, specs[i].gpa.value, specs[i].mmap_offset};
+    vhost_user::MemRegion r{specs[i].gpa.value, specs[i].size, specs[i].gpa.value,
+                            specs[i].mmap_offset};
     std::memcpy(m.payload.data() + sizeof h + i * sizeof r, &r, sizeof r);
     m.fds.push_back(std::move(specs[i].fd));
   }
@@ -259,7 +273,8 @@ TEST(BackendIntegration, DisconnectAndReconnect) {
     ASSERT_EQ(::write(n->kick.get(), &one, 8), 8);
     auto deadline = std::chrono::steady_clock::now() + 5s;
     std::optional<UsedBuffer> u;
-    while (!(u = drv->poll()) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(100us);
+    while (!(u = drv->poll()) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(100us);
     ASSERT_TRUE(u.has_value()) << "round " << round;
     std::uint64_t resets = device.resets.load();
     (*c)->close();
@@ -287,7 +302,8 @@ TEST(BackendIntegration, HostileMessagesAreRefused) {
   auto& c = *rig.client;
   // Before SET_OWNER, state-changing requests are refused.
   auto mem = GuestMemory::create({{Gpa(kA), kASize}});
-  Message early = Message::make(static_cast<std::uint32_t>(Request::set_vring_num), vhost_user::VringState{0, 64});
+  Message early = Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
+                                vhost_user::VringState{0, 64});
   early.flags |= vhost_user::kFlagNeedReply;
   auto refused = c.request_reply(std::move(early));
   ASSERT_TRUE(refused.has_value());
@@ -296,32 +312,40 @@ TEST(BackendIntegration, HostileMessagesAreRefused) {
   ASSERT_TRUE(c.set_mem_table(*mem).has_value());
   // A ring index out of range (qemu-storage-daemon once aborted on index 255).
   EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                                           vhost_user::VringState{255, 64})).has_value());
+                                           vhost_user::VringState{255, 64}))
+                   .has_value());
   // A queue size out of range.
   EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                                           vhost_user::VringState{0, 70000})).has_value());
+                                           vhost_user::VringState{0, 70000}))
+                   .has_value());
   // A memory table claiming 1000 regions is refused by the codec, not by an abort.
   EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_mem_table),
-                                           vhost_user::MemTableHeader{1000, 0})).has_value());
+                                           vhost_user::MemTableHeader{1000, 0}))
+                   .has_value());
   // A region overlapping another, added with ADD_MEM_REG.
   RegionSpec s = mem->region_spec(0);
-  Message add = Message::make(static_cast<std::uint32_t>(Request::add_mem_reg),
-                              vhost_user::SingleMemRegion{0, {kA + 0x1000, 0x1000, kA + 0x1000, 0}});
+  Message add =
+      Message::make(static_cast<std::uint32_t>(Request::add_mem_reg),
+                    vhost_user::SingleMemRegion{0, {kA + 0x1000, 0x1000, kA + 0x1000, 0}});
   add.fds.push_back(std::move(s.fd));
   EXPECT_FALSE(c.request_ack(std::move(add)).has_value());
   // An IOTLB update without the IOMMU feature.
   EXPECT_FALSE(c.iotlb_invalidate(Iova(0), 4096).has_value());
   // Protocol features never offered.
-  EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_protocol_features),
-                                           std::uint64_t{1} << 40)).has_value());
+  EXPECT_FALSE(
+      c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_protocol_features),
+                                  std::uint64_t{1} << 40))
+          .has_value());
   // A log too small for the memory table.
-  Message lg = Message::make(static_cast<std::uint32_t>(Request::set_log_base), vhost_user::LogDesc{8, 0});
+  Message lg =
+      Message::make(static_cast<std::uint32_t>(Request::set_log_base), vhost_user::LogDesc{8, 0});
   lg.fds.push_back(testing::make_memfd(4096));
   auto reply = c.request_reply(std::move(lg));
   ASSERT_TRUE(reply.has_value());  // answered (no payload), and logged as refused
   EXPECT_GE(rig.server.messages_rejected(), 7u);
   // The connection still works.
-  auto qn = c.request_reply(Message::make_empty(static_cast<std::uint32_t>(Request::get_queue_num)));
+  auto qn =
+      c.request_reply(Message::make_empty(static_cast<std::uint32_t>(Request::get_queue_num)));
   ASSERT_TRUE(qn.has_value());
   EXPECT_EQ(qn->u64(), 1u);
 }

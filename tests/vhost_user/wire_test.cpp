@@ -24,7 +24,9 @@ struct Pair {
   }
 };
 
-UniqueFd eventfd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC)); }
+UniqueFd eventfd() {
+  return UniqueFd(::eventfd(0, EFD_CLOEXEC));
+}
 
 Message with_fds(Message m, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) m.fds.push_back(eventfd());
@@ -81,7 +83,8 @@ TEST(Wire, EveryRequestRoundTrips) {
     MemTableHeader h;
     MemRegion r[2];
   };
-  ms.push_back(with_fds(Message::make(5, Table2{{2, 0}, {{0, 4096, 1, 0}, {8192, 4096, 2, 0}}}), 2));
+  ms.push_back(
+      with_fds(Message::make(5, Table2{{2, 0}, {{0, 4096, 1, 0}, {8192, 4096, 2, 0}}}), 2));
   for (const Message& m : ms) {
     auto r = round_trip(m);
     ASSERT_TRUE(r.has_value()) << to_string(m.req()) << ": " << r.error().message();
@@ -112,8 +115,9 @@ TEST(Wire, WrongFdCountsAreRejected) {
   EXPECT_EQ(error_of(Message::make(12, std::uint64_t{0})), CodecErrc::bad_fd_count);  // kick, no fd
   EXPECT_EQ(error_of(with_fds(Message::make(12, std::uint64_t{0} | kVringNoFd), 1)),
             CodecErrc::bad_fd_count);  // NOFD but an fd
-  EXPECT_EQ(error_of(with_fds(Message::make_empty(1), 1)), CodecErrc::bad_fd_count);  // fd where none
-  EXPECT_EQ(error_of(Message::make(6, LogDesc{4096, 0})), CodecErrc::bad_fd_count);   // log, no fd
+  EXPECT_EQ(error_of(with_fds(Message::make_empty(1), 1)),
+            CodecErrc::bad_fd_count);  // fd where none
+  EXPECT_EQ(error_of(Message::make(6, LogDesc{4096, 0})), CodecErrc::bad_fd_count);  // log, no fd
   struct Table2 {
     MemTableHeader h;
     MemRegion r[2];
@@ -158,7 +162,8 @@ TEST(Wire, ConfigSizesAreChecked) {
 TEST(Wire, UnknownRequestsAreRejected) {
   EXPECT_EQ(error_of(Message::make_empty(0)), CodecErrc::unknown_request);
   EXPECT_EQ(error_of(Message::make_empty(99)), CodecErrc::unknown_request);
-  EXPECT_EQ(error_of(Message::make_empty(28)), CodecErrc::unknown_request);  // postcopy: unsupported
+  EXPECT_EQ(error_of(Message::make_empty(28)),
+            CodecErrc::unknown_request);  // postcopy: unsupported
 }
 
 TEST(Wire, HeaderFlagsAreChecked) {
@@ -170,7 +175,8 @@ TEST(Wire, HeaderFlagsAreChecked) {
   Message reply = Message::make(1, std::uint64_t{5}, kVersion | kFlagReply);
   EXPECT_TRUE(validate_reply(reply, Request::get_features).has_value());
   EXPECT_FALSE(validate_reply(reply, Request::get_protocol_features).has_value());
-  EXPECT_FALSE(validate_reply(Message::make(1, std::uint64_t{5}), Request::get_features).has_value());
+  EXPECT_FALSE(
+      validate_reply(Message::make(1, std::uint64_t{5}), Request::get_features).has_value());
 }
 
 TEST(Wire, EofMidMessageIsTruncated) {

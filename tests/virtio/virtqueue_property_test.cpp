@@ -45,7 +45,8 @@ struct InDevice {  // a chain the device popped and has not pushed
   std::uint32_t written;
 };
 
-void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint32_t, std::uint32_t>>& ops) {
+void run(const Config& cfg,
+         const std::vector<std::tuple<std::uint8_t, std::uint32_t, std::uint32_t>>& ops) {
   auto mem = GuestMemory::create({{Gpa(kA), kASize}, {Gpa(kB), kBSize}, {Gpa(kC), kCSize}});
   RC_ASSERT(mem.has_value());
   AddressSpace space;
@@ -134,7 +135,8 @@ void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint
       // It writes a recognisable reply into part of the writable buffers.
       std::uint32_t n = c.writable_len == 0 ? 0 : 1 + (counter * 7919u) % c.writable_len;
       std::vector<std::uint8_t> reply(n);
-      for (std::uint32_t k = 0; k < n; ++k) reply[k] = static_cast<std::uint8_t>(c.id * 31 + k + counter);
+      for (std::uint32_t k = 0; k < n; ++k)
+        reply[k] = static_cast<std::uint8_t>(c.id * 31 + k + counter);
       ++counter;
       auto w = vq.write_chain(batch, c, 0, reply);
       RC_ASSERT(w.has_value());
@@ -159,7 +161,8 @@ void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint
     if (k == 0) return;
     std::vector<Completion> done;
     for (std::size_t i = 0; i < k; ++i) {
-      done.push_back(Completion{in_device.front().id, in_device.front().ring_descs, in_device.front().written});
+      done.push_back(Completion{in_device.front().id, in_device.front().ring_descs,
+                                in_device.front().written});
       in_device.pop_front();
     }
     vq.begin_burst();
@@ -200,7 +203,8 @@ void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint
         Pending p;
         for (std::size_t i = 0; i < nbufs; ++i) {
           std::uint32_t len = 1 + (b >> (i * 4)) % 5000;
-          std::uint64_t off = (static_cast<std::uint64_t>(a) * 2654435761u + i * 40503u * b) % (arena_len - len);
+          std::uint64_t off =
+              (static_cast<std::uint64_t>(a) * 2654435761u + i * 40503u * b) % (arena_len - len);
           DriverBuffer db{Gpa(arena + off), len, i >= n_read};
           bufs.push_back(db);
         }
@@ -227,7 +231,8 @@ void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint
         for (const auto& db : bufs) {
           if (db.device_writes) continue;
           std::vector<std::uint8_t> content(db.len);
-          for (std::uint32_t k = 0; k < db.len; ++k) content[k] = static_cast<std::uint8_t>(k * 13 + a);
+          for (std::uint32_t k = 0; k < db.len; ++k)
+            content[k] = static_cast<std::uint8_t>(k * 13 + a);
           RC_ASSERT(mem->write(db.gpa, content));
           p.readable.insert(p.readable.end(), content.begin(), content.end());
         }
@@ -273,8 +278,10 @@ void run(const Config& cfg, const std::vector<std::tuple<std::uint8_t, std::uint
   }
   // The log: every page the device wrote is dirty, and nothing else.
   for (std::uint64_t p : must_dirty) RC_ASSERT(((bits[p / 8] >> (p % 8)) & 1u) != 0);
-  if (added > 0) RC_ASSERT(((bits[(cfg.packed ? drv->gpas().desc : drv->gpas().device).value / 4096 / 8] >>
-                             (((cfg.packed ? drv->gpas().desc : drv->gpas().device).value / 4096) % 8)) & 1u) != 0);
+  if (added > 0)
+    RC_ASSERT(((bits[(cfg.packed ? drv->gpas().desc : drv->gpas().device).value / 4096 / 8] >>
+                (((cfg.packed ? drv->gpas().desc : drv->gpas().device).value / 4096) % 8)) &
+               1u) != 0);
   for (std::uint64_t p = 0; p < kLogBytes * 8; ++p)
     if ((bits[p / 8] >> (p % 8)) & 1u) RC_ASSERT(allowed_dirty.count(p) == 1u);
 }

@@ -38,7 +38,9 @@ struct QueueTest : ::testing::Test {
   }
   std::uint8_t* g(std::uint64_t gpa) { return space.memory()->gpa_to_host(Gpa(gpa))->host; }
   template <typename T>
-  void put(std::uint64_t gpa, T v) { std::memcpy(g(gpa), &v, sizeof(T)); }
+  void put(std::uint64_t gpa, T v) {
+    std::memcpy(g(gpa), &v, sizeof(T));
+  }
   template <typename T>
   T get(std::uint64_t gpa) {
     T v;
@@ -333,8 +335,9 @@ TEST_F(QueueTest, LookAheadCollectsEveryMissingPageAtOnce) {
   EXPECT_EQ(vq->collect_misses(misses, 16), 4u);
   std::vector<std::uint64_t> pages;
   for (auto& m : misses) pages.push_back(m.addr.value & ~0xfffULL);
-  EXPECT_EQ(pages, (std::vector<std::uint64_t>{kIovaBase + kBuf, kIovaBase + kBuf + 0x1000,
-                                               kIovaBase + kBuf + 0x4000, kIovaBase + kBuf + 0x9000}));
+  EXPECT_EQ(pages,
+            (std::vector<std::uint64_t>{kIovaBase + kBuf, kIovaBase + kBuf + 0x1000,
+                                        kIovaBase + kBuf + 0x4000, kIovaBase + kBuf + 0x9000}));
   EXPECT_EQ(vq->state().avail_idx, 0);  // nothing consumed
   EXPECT_EQ(vq->in_flight(), 0u);
   auto r = vq->pop(batch, 16);  // still deferred, and already reported
@@ -374,8 +377,8 @@ TEST_F(QueueTest, LogsEveryDeviceWriteAtItsGpa) {
   EXPECT_TRUE(dirty(kBuf + 0x5000));
   EXPECT_TRUE(dirty(kBuf + 0x6000));
   EXPECT_FALSE(dirty(kBuf + 0x7000));
-  EXPECT_TRUE(dirty(kUsed));     // used element and index
-  EXPECT_FALSE(dirty(kDesc));    // the device never writes the split descriptor table
+  EXPECT_TRUE(dirty(kUsed));   // used element and index
+  EXPECT_FALSE(dirty(kDesc));  // the device never writes the split descriptor table
   EXPECT_FALSE(dirty(kAvail));
   EXPECT_FALSE(dirty(kIovaBase + kUsed));
 }
@@ -413,7 +416,7 @@ TEST_F(QueueTest, UsedRingLoggedAcrossItsLastPage) {
   for (auto& ch : batch.chains()) done.push_back(Completion{ch.id, 1, 0});
   ASSERT_TRUE(vq->push(done));
   EXPECT_TRUE(dirty(kBase + 0x30000 + split::used_ring(2040)));  // page 4 of the ring
-  EXPECT_TRUE(dirty(kBase + 0x30000));                             // the index
+  EXPECT_TRUE(dirty(kBase + 0x30000));                           // the index
 }
 
 TEST_F(QueueTest, LogGuestAddrMismatchIsCounted) {
@@ -448,7 +451,7 @@ TEST_F(QueueTest, NotificationWithEventIdx) {
   Completion c0{0, 1, 0};
   EXPECT_FALSE(*vq->push(std::span(&c0, 1)));  // used 0 -> 1: event 1 not crossed
   Completion c1{1, 1, 0};
-  EXPECT_TRUE(*vq->push(std::span(&c1, 1)));   // used 1 -> 2 crosses 1
+  EXPECT_TRUE(*vq->push(std::span(&c1, 1)));  // used 1 -> 2 crosses 1
   Completion c2{2, 1, 0};
   EXPECT_FALSE(*vq->push(std::span(&c2, 1)));
 }
@@ -514,9 +517,7 @@ struct PackedTest : QueueTest {
     c.addr = RingAddresses{Iova(kDesc), Iova(kAvail), Iova(kUsed)};
     return c;
   }
-  std::uint16_t avail_flags(bool wrap) {
-    return wrap ? kPackedDescFAvail : kPackedDescFUsed;
-  }
+  std::uint16_t avail_flags(bool wrap) { return wrap ? kPackedDescFAvail : kPackedDescFUsed; }
   // Adds a chain of descriptors {addr, len, write} at the driver position.
   void add_chain(std::vector<std::tuple<std::uint64_t, std::uint32_t, std::uint16_t>> bufs,
                  std::uint16_t id) {
@@ -586,7 +587,8 @@ TEST_F(PackedTest, RejectsEndlessChain) {
   ASSERT_TRUE(vq->start(packed_config()));
   // Every descriptor says NEXT, with availability flags of the current lap.
   for (std::uint16_t i = 0; i < kSize; ++i)
-    put(kDesc + 16ULL * i, PackedDesc{kBuf, 8, 0, static_cast<std::uint16_t>(kDescFNext | kPackedDescFAvail)});
+    put(kDesc + 16ULL * i,
+        PackedDesc{kBuf, 8, 0, static_cast<std::uint16_t>(kDescFNext | kPackedDescFAvail)});
   EXPECT_EQ(pop_error(), VirtqueueErrc::chain_too_long);
 }
 

@@ -25,8 +25,8 @@
 namespace vhostkit {
 
 struct QueueWork {
-  bool progress = false;  // popped or pushed anything
-  bool notify = false;    // signal the queue's call eventfd
+  bool progress = false;                   // popped or pushed anything
+  bool notify = false;                     // signal the queue's call eventfd
   std::optional<TranslateError> deferred;  // stopped at an IOTLB miss (IOMMU on)
   std::optional<VirtqueueError> error;     // the queue broke
 };

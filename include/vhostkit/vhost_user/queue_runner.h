@@ -52,8 +52,9 @@ class QueueRunner {
   QueueRunner& operator=(const QueueRunner&) = delete;
 
   // Starts the ring and its worker. kick may be invalid (poll the ring).
-  [[nodiscard]] Result<void, VirtqueueError> start(const QueueConfig& config, const RingState& state,
-                                                   bool used_from_ring, UniqueFd kick);
+  [[nodiscard]] Result<void, VirtqueueError> start(const QueueConfig& config,
+                                                   const RingState& state, bool used_from_ring,
+                                                   UniqueFd kick);
   // Stops the worker at a quiescent point and returns the ring state.
   RingState stop();
   [[nodiscard]] bool running() const { return worker_.joinable(); }
@@ -68,7 +69,9 @@ class QueueRunner {
   [[nodiscard]] std::uint32_t index() const { return index_; }
   [[nodiscard]] Virtqueue& queue() { return vq_; }
   // Notifications sent to the driver (call eventfd writes).
-  [[nodiscard]] std::uint64_t notifications() const { return notifications_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::uint64_t notifications() const {
+    return notifications_.load(std::memory_order_relaxed);
+  }
 
  private:
   void run();
@@ -82,7 +85,7 @@ class QueueRunner {
   ErrorSink on_error_;
   Virtqueue vq_;
   UniqueFd kick_;
-  UniqueFd wake_;  // eventfd: stop() and wake() write it
+  UniqueFd wake_;       // eventfd: stop() and wake() write it
   std::mutex call_mu_;  // guards call_
   UniqueFd call_;
   std::atomic<bool> stop_{false};
