@@ -12,8 +12,8 @@
 #include <cstring>
 #include <vector>
 
-#include "support/echo_device.h"
 #include "fuzz_input.h"
+#include "support/echo_device.h"
 #include "vhostkit/log.h"
 #include "vhostkit/vhost_user/backend_server.h"
 
