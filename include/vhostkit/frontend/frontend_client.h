@@ -11,8 +11,9 @@
 //                   without it, its own virtual addresses, as QEMU 7.2 does.
 //   vIOMMU          attach_viommu() makes the client the IOMMU's voice: it answers the
 //                   back-end's IOTLB misses (read on the back-end request channel by a
-//                   thread of the client) with updates from the Viommu, and forwards the
-//                   Viommu's invalidations. Updates in the legacy form are split at region
+//                   thread of the client) with updates from the Viommu, ordered against
+//                   its invalidations (Viommu::answer_miss), and forwards the Viommu's
+//                   invalidations. Updates in the legacy form are split at region
 //                   boundaries, so each piece is contiguous in the client's address space.
 //   Dirty log       enable_logging() shares a memfd log (SET_LOG_BASE) and sets
 //                   VHOST_F_LOG_ALL; the log is readable through log().
@@ -48,7 +49,8 @@ struct RingNotifiers {
 
 class FrontendClient {
  public:
-  [[nodiscard]] static Result<std::unique_ptr<FrontendClient>, std::string> connect(const std::string& path);
+  [[nodiscard]] static Result<std::unique_ptr<FrontendClient>, std::string> connect(
+      const std::string& path);
   [[nodiscard]] static std::unique_ptr<FrontendClient> adopt(UniqueFd socket);
   ~FrontendClient();
   FrontendClient(const FrontendClient&) = delete;
@@ -62,17 +64,18 @@ class FrontendClient {
   [[nodiscard]] bool iommu() const;
 
   [[nodiscard]] Result<void, std::string> set_mem_table(const GuestMemory& memory);
-  [[nodiscard]] Result<void, std::string> add_mem_reg(const GuestMemory& memory, std::size_t region);
-  [[nodiscard]] Result<void, std::string> rem_mem_reg(const GuestMemory& memory, std::size_t region);
+  [[nodiscard]] Result<void, std::string> add_mem_reg(const GuestMemory& memory,
+                                                      std::size_t region);
+  [[nodiscard]] Result<void, std::string> rem_mem_reg(const GuestMemory& memory,
+                                                      std::size_t region);
 
   // SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE for one ring. The base (SET_VRING_BASE)
   // is the driver's current position unless given: split, the avail index; packed, the
   // avail index and wrap counter in bits 0-15 and the used ones in bits 16-31, as QEMU
   // encodes them.
-  [[nodiscard]] Result<RingNotifiers, std::string> start_queue(std::uint32_t index, const GuestMemory& memory,
-                                                               const VirtioDriver& driver,
-                                                               std::optional<std::uint32_t> base = std::nullopt,
-                                                               bool log_ring = false);
+  [[nodiscard]] Result<RingNotifiers, std::string> start_queue(
+      std::uint32_t index, const GuestMemory& memory, const VirtioDriver& driver,
+      std::optional<std::uint32_t> base = std::nullopt, bool log_ring = false);
   // SET_STATUS with ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK once the rings are set
   // up (a no-op unless VHOST_USER_PROTOCOL_F_STATUS was negotiated; DPDK's back-end
   // starts processing only after it).
@@ -82,7 +85,8 @@ class FrontendClient {
   [[nodiscard]] Result<std::uint32_t, std::string> stop_queue(std::uint32_t index);
 
   // The dirty log: a memfd of `bytes` shared with SET_LOG_BASE, then LOG_ALL on.
-  [[nodiscard]] Result<void, std::string> enable_logging(std::uint64_t bytes, std::uint64_t offset = 0);
+  [[nodiscard]] Result<void, std::string> enable_logging(std::uint64_t bytes,
+                                                         std::uint64_t offset = 0);
   [[nodiscard]] Result<void, std::string> disable_logging();
   [[nodiscard]] DirtyLog* log() const { return log_view_.get(); }
 
@@ -115,8 +119,10 @@ class FrontendClient {
   UniqueFd backend_sock_;  // our end of the back-end request channel
   std::thread backend_thread_;
   std::atomic<bool> closing_{false};
-  Viommu* iommu_ = nullptr;
-  const GuestMemory* memory_ = nullptr;
+  // Set by attach_viommu() while the back-end channel thread may already run: memory_
+  // is stored before iommu_ (release), the thread loads iommu_ (acquire) first.
+  std::atomic<Viommu*> iommu_{nullptr};
+  std::atomic<const GuestMemory*> memory_{nullptr};
   std::atomic<std::uint64_t> misses_answered_{0};
   UniqueFd log_fd_;
   void* log_map_ = nullptr;
