@@ -16,9 +16,10 @@
 //   Snapshot     the IOTLB is bound to one memory snapshot; host pointers in its entries
 //                come from it. rebind() (any memory-table change) flushes every entry.
 //   Limit        at most max_entries entries. Eviction policy: FIFO by installation
-//                time: when an update needs room, the oldest installed entries are
-//                dropped first (as Linux vhost does with its retire flag). A dropped
-//                translation is simply missed again and re-requested.
+//                time: when an update (or an invalidation that splits an entry) needs
+//                room, the oldest installed entries are dropped first (as Linux vhost
+//                does with its retire flag). A dropped translation is simply missed
+//                again and re-requested.
 //   Misses       note_miss() tells the caller whether a miss must be reported to the
 //                frontend: once per (page, access) until an update covers the page or
 //                the miss times out.

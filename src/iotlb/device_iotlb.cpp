@@ -294,6 +294,12 @@ Result<void, IotlbError> DeviceIotlb::invalidate(Iova iova, std::uint64_t size) 
     if (s.e.iova.value < iova.value) store_->insert(trimmed(s.e, s.e.iova.value, iova.value - 1));
     if (last_of(s.e) > last) store_->insert(trimmed(s.e, last + 1, last_of(s.e)));
   }
+  // Punching a hole into an entry splits it in two: evict as an update would, or a
+  // frontend could grow the IOTLB without bound by invalidating every other byte.
+  while (store_->count > limits_.max_entries) {
+    store_->evict_oldest();
+    evictions_.fetch_add(1, std::memory_order_relaxed);
+  }
   store_->compact_fifo();
   bump();
   return {};
