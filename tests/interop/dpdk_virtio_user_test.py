@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+RING = 256  # virtio-user queue size
+
 
 def ensure_testpmd():
     if shutil.which("dpdk-testpmd"):
@@ -40,7 +42,7 @@ def run(backend_bin, work, mode, seconds):
         time.sleep(0.05)
     tp = subprocess.run(["timeout", "-s", "INT", str(seconds), "dpdk-testpmd", "--no-huge", "-m", "1024",
                          "--no-pci", "--single-file-segments", f"--file-prefix=vhostkit-{mode}-{os.getpid()}",
-                         "--vdev", f"net_virtio_user0,path={sock},queues=1", "-l", "0-1", "--",
+                         "--vdev", f"net_virtio_user0,path={sock},queues=1,queue_size={RING}", "-l", "0-1", "--",
                          f"--forward-mode={mode}", "--auto-start", "--stats-period", "1"],
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = tp.stdout.decode(errors="replace")
@@ -67,7 +69,10 @@ def run(backend_bin, work, mode, seconds):
         consumed = int(stats.group(3))
         sent = int(tx_totals[-1]) if tx_totals else -1
         print(f"{mode}: testpmd sent {sent}, vhostkit consumed {consumed}")
-        if consumed == 0 or consumed != sent:
+        # testpmd counts a packet as sent once it is on the available ring. When testpmd
+        # stops, the back-end stops the ring (GET_VRING_BASE) without draining it, so at
+        # most one ring of packets may stay unconsumed; nothing else may go missing.
+        if consumed == 0 or not 0 <= sent - consumed <= RING:
             failures.append(f"{mode}: testpmd sent {sent} packets, vhostkit consumed {consumed}")
     else:
         produced = int(stats.group(2))
