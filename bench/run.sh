@@ -16,6 +16,8 @@ reps=${VHOSTKIT_BENCH_REPETITIONS:-5}
 build=build/release
 
 sections=(foundation virtqueue iotlb_miss)
+# More sections live in bench/sections/<name>.sh: each defines section_<name> and appends
+# its name to `sections`; the helpers above are available to them.
 
 if [[ ! -f $build/build.ninja ]]; then
   cmake --preset release >/dev/null
@@ -106,6 +108,12 @@ section_iotlb_miss() {
   cmake --build --preset release --target iotlb_miss_bench >/dev/null
   "$build/bench/iotlb_miss_bench" "$reps"
 }
+
+for f in bench/sections/*.sh; do
+  [[ -e $f ]] || continue
+  # shellcheck source=/dev/null
+  source "$f"
+done
 
 ran=0
 for s in "${sections[@]}"; do
