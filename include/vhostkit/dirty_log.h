@@ -16,6 +16,13 @@
 //
 // Thread safety: mark() may be called from any number of threads concurrently. A
 // DirtyLogBatch belongs to one thread.
+//
+// Fault injection (tests only): the proof of migration (docs/migration.md) must be able
+// to fail. set_fault_drop_one_in(N) makes every N-th write to any log (one mark() or
+// mark_word() call) do nothing. It is off (0) by default; a process also turns it on
+// when the environment variable VHOSTKIT_FAULT_DROP_LOG_ONE_IN=N is set at the first
+// DirtyLog::map(), with a warning on stderr. Nothing in the vhost-user protocol can
+// turn it on.
 #pragma once
 
 #include <algorithm>
@@ -51,6 +58,10 @@ struct DirtyLogError {
 
   [[nodiscard]] std::string message() const;
 };
+
+// Drops every n-th dirty-log write in this process (0: off). For mutation tests.
+void set_fault_drop_one_in(std::uint64_t n);
+[[nodiscard]] std::uint64_t fault_dropped_writes();
 
 class DirtyLog {
  public:

@@ -4,13 +4,56 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include <fmt/format.h>
 
 #include "vhostkit/dirty_log.h"
 
 namespace vhostkit {
+
+namespace {
+
+std::atomic<std::uint64_t> g_drop_one_in{0};
+std::atomic<std::uint64_t> g_writes{0};
+std::atomic<std::uint64_t> g_dropped{0};
+
+void fault_from_environment() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* v = std::getenv("VHOSTKIT_FAULT_DROP_LOG_ONE_IN");
+    if (v == nullptr || *v == '\0') return;
+    std::uint64_t n = std::strtoull(v, nullptr, 10);
+    if (n == 0) return;
+    std::fprintf(stderr,
+                 "vhostkit: FAULT INJECTION ON: dropping one dirty-log write in %llu "
+                 "(VHOSTKIT_FAULT_DROP_LOG_ONE_IN); migration will lose data\n",
+                 static_cast<unsigned long long>(n));
+    set_fault_drop_one_in(n);
+  });
+}
+
+// True if this write is to be dropped. One relaxed load when fault injection is off.
+inline bool drop_this_write() {
+  std::uint64_t n = g_drop_one_in.load(std::memory_order_relaxed);
+  if (n == 0) [[likely]]
+    return false;
+  if (g_writes.fetch_add(1, std::memory_order_relaxed) % n != n - 1) return false;
+  g_dropped.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace
+
+void set_fault_drop_one_in(std::uint64_t n) {
+  g_writes.store(0, std::memory_order_relaxed);
+  g_drop_one_in.store(n, std::memory_order_relaxed);
+}
+
+std::uint64_t fault_dropped_writes() { return g_dropped.load(std::memory_order_relaxed); }
 
 const char* to_string(DirtyLogErrc e) {
   switch (e) {
@@ -40,6 +83,7 @@ DirtyLog::~DirtyLog() {
 
 Result<std::shared_ptr<DirtyLog>, DirtyLogError> DirtyLog::map(UniqueFd fd, std::uint64_t size,
                                                                std::uint64_t offset) {
+  fault_from_environment();
   if (size == 0) return unexpected(DirtyLogError{DirtyLogErrc::zero_size});
   auto end = checked_add(offset, size);
   if (!end || *end > static_cast<std::uint64_t>(INT64_MAX))
@@ -93,6 +137,7 @@ Result<void, DirtyLogError> DirtyLog::mark(Gpa gpa, std::uint64_t len) {
   std::uint64_t p = gpa.page();
   std::uint64_t last = last_byte >> 12;
   std::uint64_t pages = size_ * 8;
+  if (drop_this_write()) return {};
   // Release: the guest data written before this call is visible to whoever observes
   // the bits set below (the frontend copying dirty pages).
   std::atomic_thread_fence(std::memory_order_release);
@@ -110,6 +155,7 @@ Result<void, DirtyLogError> DirtyLog::mark(Gpa gpa, std::uint64_t len) {
 }
 
 Result<void, DirtyLogError> DirtyLog::mark_word(std::uint64_t word, std::uint64_t mask) {
+  if (drop_this_write()) return {};
   std::atomic_thread_fence(std::memory_order_release);  // as in mark()
   std::uint64_t first_byte = word * 8;
   auto* addr = bits_ + first_byte;

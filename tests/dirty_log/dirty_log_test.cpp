@@ -169,5 +169,22 @@ TEST(DirtyLog, FetchAndClear) {
   EXPECT_EQ(pages, (std::vector<std::uint64_t>{9}));
 }
 
+// The mutation switch really drops writes, and is off by default.
+TEST(DirtyLog, FaultInjectionDropsEveryNthWriteAndIsOffByDefault) {
+  std::vector<std::uint8_t> mem(8, 0);
+  auto log = DirtyLog::over(mem);
+  for (std::uint64_t p = 0; p < 8; ++p) ASSERT_TRUE(log->mark(Gpa(p * 4096), 1));
+  EXPECT_EQ(mem[0], 0xff);
+  mem[0] = 0;
+  std::uint64_t before = fault_dropped_writes();
+  set_fault_drop_one_in(2);
+  for (std::uint64_t p = 0; p < 8; ++p) ASSERT_TRUE(log->mark(Gpa(p * 4096), 1));
+  set_fault_drop_one_in(0);
+  EXPECT_EQ(mem[0], 0x55);  // writes 2, 4, 6, 8 (pages 1, 3, 5, 7) dropped
+  EXPECT_EQ(fault_dropped_writes() - before, 4u);
+  ASSERT_TRUE(log->mark(Gpa(4096), 1));
+  EXPECT_EQ(mem[0], 0x57);
+}
+
 }  // namespace
 }  // namespace vhostkit
