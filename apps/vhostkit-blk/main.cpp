@@ -1,0 +1,212 @@
+// vhostkit-blk: a vhost-user virtio-blk back-end daemon over a raw image file or block
+// device. Follows QEMU's "Backend program conventions" (docs/interop/vhost-user.rst):
+// --socket-path or --fd, --print-capabilities, never daemonizes, logs to stderr. See
+// docs/vhostkit-blk.md for the options and an example QEMU command line.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "vhostkit/devices/blk.h"
+#include "vhostkit/log.h"
+#include "vhostkit/vhost_user/backend_server.h"
+
+#ifndef VHOSTKIT_VERSION
+#define VHOSTKIT_VERSION "0.0.0"
+#endif
+
+namespace {
+
+using namespace vhostkit;
+
+constexpr const char* kUsage =
+    "Usage: vhostkit-blk (--socket-path PATH | --fd FD) --blk-file FILE [options]\n"
+    "       vhostkit-blk --print-capabilities | --help | --version\n"
+    "\n"
+    "Serves a raw image file or block device as a vhost-user virtio-blk device.\n"
+    "\n"
+    "  --socket-path PATH     listen on a new Unix socket at PATH\n"
+    "  --fd FD                serve the listening Unix socket FD (inherited)\n"
+    "  --blk-file FILE        the raw image file or block device to serve\n"
+    "  --read-only            open FILE read-only and offer VIRTIO_BLK_F_RO\n"
+    "  --queues N             number of virtqueues (1-64, default 1)\n"
+    "  --serial ID            the GET_ID string (at most 20 bytes; default: file name)\n"
+    "  --engine E             I/O engine: auto (default), io_uring or sync\n"
+    "  --poll                 busy-poll the queues instead of waiting for kicks\n"
+    "  --log-level L          debug, info (default), warn or error\n"
+    "  --print-capabilities   print the back-end's capabilities as JSON and exit\n"
+    "  -h, --help             print this help and exit\n"
+    "  -V, --version          print the version and exit\n";
+
+BackendServer* g_server = nullptr;
+void on_signal(int) {
+  if (g_server != nullptr) g_server->stop();
+}
+
+[[noreturn]] void fail_usage(const std::string& msg) {
+  std::fprintf(stderr, "vhostkit-blk: %s (see --help)\n", msg.c_str());
+  std::exit(2);
+}
+
+std::uint32_t parse_uint(std::string_view opt, const std::string& v, std::uint32_t lo,
+                         std::uint32_t hi) {
+  std::uint32_t n = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (ec != std::errc() || p != v.data() + v.size() || n < lo || n > hi)
+    fail_usage(std::string(opt) + " needs a number from " + std::to_string(lo) + " to " +
+               std::to_string(hi) + ", not '" + v + "'");
+  return n;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string socket_path;
+  int listen_fd = -1;
+  bool have_fd = false;
+  bool poll = false;
+  LogLevel level = LogLevel::info;
+  BlkOptions blk;
+  blk.name = "vhostkit-blk";
+
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    std::string inline_value;
+    bool has_inline = false;
+    if (a.rfind("--", 0) == 0) {
+      if (auto eq = a.find('='); eq != std::string::npos) {
+        inline_value = a.substr(eq + 1);
+        a = a.substr(0, eq);
+        has_inline = true;
+      }
+    }
+    auto value = [&]() -> std::string {
+      if (has_inline) return inline_value;
+      if (i + 1 >= argc) fail_usage(a + " needs a value");
+      return argv[++i];
+    };
+    auto flag = [&] {
+      if (has_inline) fail_usage(a + " takes no value");
+    };
+    if (a == "--socket-path") {
+      socket_path = value();
+      if (socket_path.empty()) fail_usage("--socket-path needs a non-empty path");
+    } else if (a == "--fd") {
+      listen_fd = static_cast<int>(parse_uint(a, value(), 0, 1u << 30));
+      have_fd = true;
+    } else if (a == "--blk-file") {
+      blk.path = value();
+    } else if (a == "--read-only") {
+      flag();
+      blk.read_only = true;
+    } else if (a == "--queues") {
+      blk.queues = parse_uint(a, value(), 1, 64);
+    } else if (a == "--serial") {
+      blk.serial = value();
+      if (blk.serial.size() > blk::kIdBytes) fail_usage("--serial is longer than 20 bytes");
+    } else if (a == "--engine") {
+      std::string e = value();
+      if (e == "auto")
+        blk.engine = BlkEngine::automatic;
+      else if (e == "io_uring")
+        blk.engine = BlkEngine::io_uring;
+      else if (e == "sync")
+        blk.engine = BlkEngine::sync;
+      else
+        fail_usage("--engine must be auto, io_uring or sync, not '" + e + "'");
+    } else if (a == "--poll") {
+      flag();
+      poll = true;
+    } else if (a == "--log-level") {
+      std::string l = value();
+      if (l == "debug")
+        level = LogLevel::debug;
+      else if (l == "info")
+        level = LogLevel::info;
+      else if (l == "warn" || l == "warning")
+        level = LogLevel::warn;
+      else if (l == "error")
+        level = LogLevel::error;
+      else
+        fail_usage("--log-level must be debug, info, warn or error, not '" + l + "'");
+    } else if (a == "--print-capabilities") {
+      flag();
+      std::printf(
+          "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n"
+          "    \"blk-file\"\n  ]\n}\n");
+      return 0;
+    } else if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "-V" || a == "--version") {
+      std::printf("vhostkit-blk %s\n", VHOSTKIT_VERSION);
+      return 0;
+    } else {
+      fail_usage("unknown argument '" + std::string(argv[i]) + "'");
+    }
+  }
+  if (socket_path.empty() == !have_fd) fail_usage("give exactly one of --socket-path and --fd");
+  if (blk.path.empty()) fail_usage("--blk-file is required");
+
+  set_log_sink(
+      [](LogLevel l, std::string_view line) {
+        std::fprintf(stderr, "vhostkit-blk: %s: %.*s\n", to_string(l),
+                     static_cast<int>(line.size()), line.data());
+      },
+      level);
+
+  if (have_fd) {
+    struct stat st {};
+    if (::fstat(listen_fd, &st) != 0 || !S_ISSOCK(st.st_mode)) {
+      std::fprintf(stderr, "vhostkit-blk: --fd %d is not an open socket\n", listen_fd);
+      return 1;
+    }
+  }
+
+  auto device = BlkDevice::open(blk);
+  if (!device) {
+    std::fprintf(stderr, "vhostkit-blk: %s\n", device.error().c_str());
+    return 1;
+  }
+  BackendOptions bo;
+  bo.runner.poll = poll;
+  BackendServer server(**device, bo);
+  g_server = &server;
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  UniqueFd listener;
+  if (!socket_path.empty()) {
+    auto l = BackendServer::listen_unix(socket_path);
+    if (!l) {
+      std::fprintf(stderr, "vhostkit-blk: %s\n", l.error().c_str());
+      return 1;
+    }
+    listener = std::move(*l);
+    log(LogLevel::info, "{}: listening on {}", blk.name, socket_path);
+  } else {
+    listener.reset(listen_fd);
+    log(LogLevel::info, "{}: serving listening socket fd {}", blk.name, listen_fd);
+  }
+  auto r = server.run(listener.get());
+  g_server = nullptr;
+  const BlkStats& s = (*device)->stats();
+  log(LogLevel::info, "{}: exiting: reads={} writes={} flushes={} errors={} unsupported={}",
+      blk.name, s.reads.load(), s.writes.load(), s.flushes.load(), s.errors.load(),
+      s.unsupported.load());
+  if (!socket_path.empty()) ::unlink(socket_path.c_str());
+  if (!r) {
+    std::fprintf(stderr, "vhostkit-blk: %s\n", r.error().c_str());
+    return 1;
+  }
+  return 0;
+}

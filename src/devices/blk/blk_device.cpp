@@ -1,0 +1,489 @@
+// The virtio-blk device: request parsing and validation, data movement through the
+// queue's I/O engine, completion.
+#include "vhostkit/devices/blk.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include <fmt/format.h>
+
+#include "devices/blk/io_engine.h"
+#include "vhostkit/log.h"
+
+namespace vhostkit {
+
+using namespace blk;
+
+const char* to_string(BlkEngine e) {
+  switch (e) {
+    case BlkEngine::automatic: return "auto";
+    case BlkEngine::io_uring: return "io_uring";
+    case BlkEngine::sync: return "sync";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr std::size_t kBatch = 64;                // chains per process() call
+constexpr std::uint64_t kBounceChunk = 1u << 20;  // bounce-buffer copy unit
+constexpr std::uint32_t kHeaderBytes = 16;        // struct virtio_blk_outhdr
+constexpr std::uint32_t kRangeBytes = 16;         // struct virtio_blk_discard_write_zeroes
+
+std::uint32_t le32(const std::uint8_t* p) {
+  std::uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;  // x86-64 and every target vhostkit builds for are little-endian
+}
+std::uint64_t le64(const std::uint8_t* p) {
+  std::uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+template <typename T>
+void put(std::vector<std::uint8_t>& cfg, std::uint32_t off, T v) {
+  std::memcpy(cfg.data() + off, &v, sizeof v);
+}
+
+// A request on its way through process().
+struct Pending {
+  std::uint32_t chain = 0;  // index in the batch
+  std::uint32_t type = 0;
+  std::uint8_t status = kSOk;
+  bool has_status = true;       // the chain has a writable byte for the status
+  std::uint32_t written = 0;    // data bytes written into the chain (before the status)
+  std::int32_t io = -1;         // index in QueueState::ios, if I/O was submitted
+  std::uint32_t first_iov = 0;  // its vector in QueueState::iovs
+  std::uint64_t data_len = 0;
+};
+
+}  // namespace
+
+struct BlkDevice::QueueState {
+  ChainBatch batch;
+  std::unique_ptr<IoEngine> engine;
+  std::vector<Pending> pending;
+  std::vector<IoRequest> ios;
+  std::vector<iovec> iovs;
+  std::vector<Completion> done;
+  std::vector<std::uint8_t> scratch;  // bounce buffer, discard ranges, zeroes
+  bool warned_no_status = false;
+};
+
+BlkDevice::BlkDevice(BlkOptions options) : options_(std::move(options)) {}
+BlkDevice::~BlkDevice() = default;
+
+Result<std::unique_ptr<BlkDevice>, std::string> BlkDevice::open(BlkOptions options) {
+  using tl::unexpected;
+  if (options.queues < 1 || options.queues > 64)
+    return unexpected(
+        fmt::format("{}: queues must be 1 .. 64, not {}", options.name, options.queues));
+  if (options.path.empty()) return unexpected(fmt::format("{}: no image path", options.name));
+  if (options.queue_depth < 1 || options.queue_depth > 4096)
+    return unexpected(fmt::format("{}: queue depth must be 1 .. 4096", options.name));
+  if (options.engine == BlkEngine::automatic) {
+    if (const char* env = std::getenv("VHOSTKIT_BLK_ENGINE"); env != nullptr) {
+      std::string e = env;
+      if (e == "sync")
+        options.engine = BlkEngine::sync;
+      else if (e == "io_uring")
+        options.engine = BlkEngine::io_uring;
+      else if (!e.empty() && e != "auto")
+        return unexpected(fmt::format("VHOSTKIT_BLK_ENGINE={} is not sync, io_uring or auto", e));
+    }
+  }
+  std::unique_ptr<BlkDevice> d(new BlkDevice(std::move(options)));
+  BlkOptions& o = d->options_;
+  int fd = ::open(o.path.c_str(), (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd < 0) return unexpected(fmt::format("cannot open {}: {}", o.path, std::strerror(errno)));
+  d->fd_.reset(fd);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0)
+    return unexpected(fmt::format("cannot stat {}: {}", o.path, std::strerror(errno)));
+  std::uint64_t bytes = 0;
+  if (S_ISBLK(st.st_mode)) {
+    d->block_device_ = true;
+    if (::ioctl(fd, BLKGETSIZE64, &bytes) != 0)
+      return unexpected(fmt::format("cannot size {}: {}", o.path, std::strerror(errno)));
+  } else if (S_ISREG(st.st_mode)) {
+    bytes = static_cast<std::uint64_t>(st.st_size);
+  } else {
+    return unexpected(fmt::format("{} is neither a regular file nor a block device", o.path));
+  }
+  d->capacity_ = bytes / kSectorSize;
+  if (o.serial.empty()) {
+    auto slash = o.path.find_last_of('/');
+    o.serial = slash == std::string::npos ? o.path : o.path.substr(slash + 1);
+  }
+  if (o.serial.size() > kIdBytes) o.serial.resize(kIdBytes);
+
+  BlkEngine want = o.engine;
+  d->engine_ = want == BlkEngine::sync ? BlkEngine::sync : BlkEngine::io_uring;
+  for (std::uint32_t q = 0; q < o.queues; ++q) {
+    auto s = std::make_unique<QueueState>();
+    if (d->engine_ == BlkEngine::io_uring) {
+      auto e = make_uring_engine(fd, o.queue_depth);
+      if (e) {
+        s->engine = std::move(*e);
+      } else if (want == BlkEngine::io_uring) {
+        return unexpected(fmt::format("{}: io_uring unavailable: {}", o.name, e.error()));
+      } else {
+        log(LogLevel::warn, "{}: io_uring unavailable ({}), using synchronous I/O", o.name,
+            e.error());
+        d->engine_ = BlkEngine::sync;
+        for (auto& prev : d->queues_) prev->engine = make_sync_engine(fd);
+      }
+    }
+    if (!s->engine) s->engine = make_sync_engine(fd);
+    d->queues_.push_back(std::move(s));
+  }
+  log(LogLevel::info, "{}: {} ({} sectors{}), {} queue(s), {} engine", o.name, o.path, d->capacity_,
+      o.read_only ? ", read-only" : "", o.queues, to_string(d->engine_));
+  return d;
+}
+
+std::uint64_t BlkDevice::device_features() const {
+  std::uint64_t f = virtio::bit(kFSizeMax) | virtio::bit(kFSegMax) | virtio::bit(kFBlkSize) |
+                    virtio::bit(kFFlush) | virtio::bit(kFMq);
+  if (options_.read_only)
+    f |= virtio::bit(kFRo);
+  else
+    f |= virtio::bit(kFDiscard) | virtio::bit(kFWriteZeroes);
+  return f;
+}
+
+std::vector<std::uint8_t> BlkDevice::config() const {
+  std::vector<std::uint8_t> cfg(kConfigSize, 0);
+  put<std::uint64_t>(cfg, kCfgCapacity, capacity_);
+  put<std::uint32_t>(cfg, kCfgSizeMax, options_.size_max);
+  put<std::uint32_t>(cfg, kCfgSegMax, options_.seg_max);
+  put<std::uint32_t>(cfg, kCfgBlkSize, static_cast<std::uint32_t>(kSectorSize));
+  put<std::uint16_t>(cfg, kCfgNumQueues, static_cast<std::uint16_t>(options_.queues));
+  if (!options_.read_only) {
+    put<std::uint32_t>(cfg, kCfgMaxDiscardSectors, options_.max_discard_sectors);
+    put<std::uint32_t>(cfg, kCfgMaxDiscardSeg, options_.max_discard_seg);
+    put<std::uint32_t>(cfg, kCfgDiscardAlign, 8);  // 4 KiB: the page the host punches
+    put<std::uint32_t>(cfg, kCfgMaxWriteZeroesSectors, options_.max_write_zeroes_sectors);
+    put<std::uint32_t>(cfg, kCfgMaxWriteZeroesSeg, options_.max_write_zeroes_seg);
+    cfg[kCfgWriteZeroesMayUnmap] = 1;
+  }
+  return cfg;
+}
+
+void BlkDevice::set_features(std::uint64_t features) {
+  features_.store(features, std::memory_order_relaxed);
+}
+
+void BlkDevice::reset() {
+  features_.store(0, std::memory_order_relaxed);
+}
+
+namespace {
+
+// Checks [sector, sector + bytes / 512) against the capacity, overflow-safe.
+bool in_range(std::uint64_t sector, std::uint64_t bytes, std::uint64_t capacity) {
+  if (bytes % kSectorSize != 0) return false;
+  return sector <= capacity && bytes / kSectorSize <= capacity - sector;
+}
+
+// Appends the [skip, skip + len) part of segs as iovecs; returns how many, or -1 if the
+// range is not covered.
+long add_iovs(std::span<const Segment> segs, std::uint64_t skip, std::uint64_t len,
+              std::vector<iovec>& out) {
+  long n = 0;
+  for (const Segment& s : segs) {
+    if (len == 0) break;
+    if (skip >= s.len) {
+      skip -= s.len;
+      continue;
+    }
+    std::uint64_t take = std::min(s.len - skip, len);
+    out.push_back(iovec{s.host + skip, take});
+    ++n;
+    len -= take;
+    skip = 0;
+  }
+  return len == 0 ? n : -1;
+}
+
+int zero_fill(int fd, std::uint64_t off, std::uint64_t len, std::vector<std::uint8_t>& buf) {
+  buf.assign(std::min<std::uint64_t>(len, kBounceChunk), 0);
+  while (len > 0) {
+    std::uint64_t n = std::min<std::uint64_t>(len, buf.size());
+    ssize_t w = ::pwrite(fd, buf.data(), n, static_cast<off_t>(off));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return w < 0 ? -errno : -EIO;
+    off += static_cast<std::uint64_t>(w);
+    len -= static_cast<std::uint64_t>(w);
+  }
+  return 0;
+}
+
+}  // namespace
+
+QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
+  QueueWork w;
+  if (q >= queues_.size()) return w;
+  QueueState& s = *queues_[q];
+  ChainBatch& b = s.batch;
+  b.clear();
+  auto popped = vq.pop(b, kBatch);
+  if (!popped) {
+    w.error = popped.error();
+    return w;
+  }
+  w.deferred = popped->deferred;
+  if (b.size() == 0) return w;
+
+  const std::uint64_t feats = features_.load(std::memory_order_relaxed);
+  const int fd = fd_.get();
+  s.pending.clear();
+  s.ios.clear();
+  s.iovs.clear();
+  s.done.clear();
+
+  for (std::uint32_t i = 0; i < b.size(); ++i) {
+    const DescChain& c = b[i];
+    Pending p;
+    p.chain = i;
+    if (c.writable_len == 0) {
+      // Nowhere to put the status: complete without one (the driver gets length 0).
+      p.has_status = false;
+      stats_.no_status.fetch_add(1, std::memory_order_relaxed);
+      if (!s.warned_no_status) {
+        log(LogLevel::warn, "{} queue {}: request without a status byte (reported once)",
+            options_.name, q);
+        s.warned_no_status = true;
+      }
+      s.pending.push_back(p);
+      continue;
+    }
+    std::uint8_t hdr[kHeaderBytes];
+    if (c.readable_len < kHeaderBytes ||
+        vq.read_chain(b, c, 0, std::span(hdr, kHeaderBytes)) != kHeaderBytes) {
+      p.status = kSIoErr;
+      s.pending.push_back(p);
+      continue;
+    }
+    p.type = le32(hdr);
+    const std::uint64_t sector = le64(hdr + 8);
+    const std::uint64_t status_off = c.writable_len - 1;
+    switch (p.type) {
+      case kTIn:
+      case kTOut: {
+        bool in = p.type == kTIn;
+        if (!in && options_.read_only) {
+          p.status = kSIoErr;
+          break;
+        }
+        p.data_len = in ? status_off : c.readable_len - kHeaderBytes;
+        if (!in_range(sector, p.data_len, capacity_)) {
+          p.status = kSIoErr;
+          break;
+        }
+        if (p.data_len == 0) break;
+        p.first_iov = static_cast<std::uint32_t>(s.iovs.size());
+        long n = in ? add_iovs(b.writable(c), 0, p.data_len, s.iovs)
+                    : add_iovs(b.readable(c), kHeaderBytes, p.data_len, s.iovs);
+        if (n < 0) {
+          s.iovs.resize(p.first_iov);
+          p.status = kSIoErr;
+          break;
+        }
+        if (n > IOV_MAX) {
+          // Too many pieces for one vectored call: copy through a bounce buffer.
+          s.iovs.resize(p.first_iov);
+          std::uint64_t off = 0;
+          std::int64_t rc = 0;
+          s.scratch.resize(std::min(p.data_len, kBounceChunk));
+          while (off < p.data_len && rc == 0) {
+            std::uint64_t len = std::min<std::uint64_t>(p.data_len - off, s.scratch.size());
+            auto chunk = std::span(s.scratch.data(), len);
+            iovec v{chunk.data(), len};
+            IoRequest r{in ? IoOp::read : IoOp::write, 1, &v, sector * kSectorSize + off, len, 0};
+            if (!in)
+              (void)vq.read_chain(b, c, static_cast<std::uint32_t>(kHeaderBytes + off), chunk);
+            std::int64_t got = finish_sync(fd, r, 0);
+            if (got != static_cast<std::int64_t>(len)) {
+              rc = got < 0 ? got : -EIO;
+              break;
+            }
+            if (in) {
+              auto wr = vq.write_chain(b, c, static_cast<std::uint32_t>(off), chunk);
+              if (!wr) {
+                w.error = wr.error();
+                return w;
+              }
+            }
+            off += len;
+          }
+          p.status = rc == 0 ? kSOk : kSIoErr;
+          if (in && rc == 0) p.written = static_cast<std::uint32_t>(p.data_len);
+          if (rc == 0) (in ? stats_.reads : stats_.writes).fetch_add(1, std::memory_order_relaxed);
+          break;
+        }
+        p.io = static_cast<std::int32_t>(s.ios.size());
+        s.ios.push_back(IoRequest{in ? IoOp::read : IoOp::write, static_cast<int>(n), nullptr,
+                                  sector * kSectorSize, p.data_len, 0});
+        break;
+      }
+      case kTFlush:
+        p.io = static_cast<std::int32_t>(s.ios.size());
+        s.ios.push_back(IoRequest{IoOp::flush, 0, nullptr, 0, 0, 0});
+        break;
+      case kTGetId: {
+        std::uint8_t id[kIdBytes] = {};
+        std::memcpy(id, options_.serial.data(),
+                    std::min<std::size_t>(options_.serial.size(), kIdBytes));
+        auto n = static_cast<std::uint32_t>(std::min<std::uint64_t>(status_off, kIdBytes));
+        auto wr = vq.write_chain(b, c, 0, std::span<const std::uint8_t>(id, n));
+        if (!wr) {
+          w.error = wr.error();
+          return w;
+        }
+        p.written = *wr;
+        break;
+      }
+      case kTDiscard:
+      case kTWriteZeroes: {
+        bool discard = p.type == kTDiscard;
+        if (!(feats & virtio::bit(discard ? kFDiscard : kFWriteZeroes))) {
+          p.status = kSUnsupp;
+          break;
+        }
+        if (options_.read_only) {
+          p.status = kSIoErr;
+          break;
+        }
+        std::uint64_t payload = c.readable_len - kHeaderBytes;
+        std::uint64_t max_seg = discard ? options_.max_discard_seg : options_.max_write_zeroes_seg;
+        std::uint64_t max_sectors =
+            discard ? options_.max_discard_sectors : options_.max_write_zeroes_sectors;
+        if (payload == 0 || payload % kRangeBytes != 0 || payload / kRangeBytes > max_seg) {
+          p.status = kSUnsupp;
+          break;
+        }
+        std::vector<std::uint8_t> ranges(payload);
+        if (vq.read_chain(b, c, kHeaderBytes, ranges) != payload) {
+          p.status = kSIoErr;
+          break;
+        }
+        // Validate every range before touching the image.
+        for (std::uint64_t r = 0; r < payload && p.status == kSOk; r += kRangeBytes) {
+          std::uint64_t rs = le64(&ranges[r]);
+          std::uint32_t count = le32(&ranges[r + 8]);
+          std::uint32_t flags = le32(&ranges[r + 12]);
+          if ((discard && flags != 0) || (!discard && (flags & ~kWriteZeroesFlagUnmap) != 0))
+            p.status = kSUnsupp;
+          else if (count > max_sectors ||
+                   !in_range(rs, std::uint64_t{count} * kSectorSize, capacity_))
+            p.status = kSIoErr;
+        }
+        for (std::uint64_t r = 0; r < payload && p.status == kSOk; r += kRangeBytes) {
+          std::uint64_t off = le64(&ranges[r]) * kSectorSize;
+          std::uint64_t len = std::uint64_t{le32(&ranges[r + 8])} * kSectorSize;
+          bool unmap = (le32(&ranges[r + 12]) & kWriteZeroesFlagUnmap) != 0;
+          if (len == 0) continue;
+          int rc = 0;
+          if (block_device_) {
+            std::uint64_t range[2] = {off, len};
+            rc = ::ioctl(fd, discard ? BLKDISCARD : BLKZEROOUT, range) == 0 ? 0 : -errno;
+          } else {
+            int mode = discard || unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                                        : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+            rc = ::fallocate(fd, mode, static_cast<off_t>(off), static_cast<off_t>(len)) == 0
+                     ? 0
+                     : -errno;
+          }
+          if (rc != 0 && discard) rc = 0;  // discard is a hint: the data may stay
+          if (rc == -EOPNOTSUPP || rc == -ENOTTY || rc == -EINVAL)
+            rc = zero_fill(fd, off, len, s.scratch);
+          if (rc != 0) p.status = kSIoErr;
+        }
+        break;
+      }
+      default: p.status = kSUnsupp; break;
+    }
+    s.pending.push_back(p);
+  }
+
+  // Point the I/O requests at their vectors (s.iovs is complete now) and run them.
+  for (Pending& p : s.pending)
+    if (p.io >= 0 && s.ios[static_cast<std::size_t>(p.io)].op != IoOp::flush)
+      s.ios[static_cast<std::size_t>(p.io)].iov = s.iovs.data() + p.first_iov;
+  if (!s.ios.empty()) s.engine->run(s.ios);
+
+  for (Pending& p : s.pending) {
+    const DescChain& c = b[p.chain];
+    if (p.io >= 0) {
+      const IoRequest& r = s.ios[static_cast<std::size_t>(p.io)];
+      bool ok = r.op == IoOp::flush ? r.result == 0 : r.result == static_cast<std::int64_t>(r.len);
+      if (r.op == IoOp::read) {
+        // The guest buffers were written by the kernel: log them (all of them, also
+        // after a failure part way, when some bytes may have landed).
+        std::uint64_t left = p.data_len;
+        for (const Segment& seg : b.writable(c)) {
+          if (left == 0) break;
+          Segment part{seg.host, seg.gpa, std::min(seg.len, left)};
+          left -= part.len;
+          if (auto lw = vq.translator().log_write(part); !lw) {
+            w.error = VirtqueueError{VirtqueueErrc::log_failed, c.id, lw.error().addr.value};
+            return w;
+          }
+        }
+        if (ok) p.written = static_cast<std::uint32_t>(p.data_len);
+      }
+      if (ok) {
+        switch (r.op) {
+          case IoOp::read:
+            stats_.reads.fetch_add(1, std::memory_order_relaxed);
+            stats_.bytes_read.fetch_add(r.len, std::memory_order_relaxed);
+            break;
+          case IoOp::write:
+            stats_.writes.fetch_add(1, std::memory_order_relaxed);
+            stats_.bytes_written.fetch_add(r.len, std::memory_order_relaxed);
+            break;
+          case IoOp::flush: stats_.flushes.fetch_add(1, std::memory_order_relaxed); break;
+        }
+      } else {
+        p.status = kSIoErr;
+        log(LogLevel::debug, "{} queue {}: I/O at {} failed: {}", options_.name, q, r.offset,
+            r.result < 0 ? std::strerror(static_cast<int>(-r.result)) : "short transfer");
+      }
+    }
+    std::uint32_t len = 0;
+    if (p.has_status) {
+      if (p.status == kSIoErr) stats_.errors.fetch_add(1, std::memory_order_relaxed);
+      if (p.status == kSUnsupp) stats_.unsupported.fetch_add(1, std::memory_order_relaxed);
+      auto wr = vq.write_chain(b, c, c.writable_len - 1, std::span(&p.status, 1));
+      if (!wr) {
+        w.error = wr.error();
+        return w;
+      }
+      len = p.written + 1;
+    }
+    s.done.push_back(Completion{c.id, c.ring_descs, len});
+  }
+  auto notify = vq.push(s.done);
+  if (!notify) {
+    w.error = notify.error();
+    return w;
+  }
+  w.notify = *notify;
+  w.progress = true;
+  return w;
+}
+
+}  // namespace vhostkit
