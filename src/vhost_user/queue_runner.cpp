@@ -44,6 +44,7 @@ Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const
   stop_.store(false, std::memory_order_relaxed);
   drain(wake_.get());
   device_.queue_started(index_);
+  event_ = device_.event_fd(index_);
   worker_ = std::thread([this] { run(); });
   return {};
 }
@@ -81,20 +82,25 @@ void QueueRunner::notify() {
     notifications_.fetch_add(1, std::memory_order_relaxed);
 }
 
-void QueueRunner::wait(bool for_kick, std::chrono::milliseconds timeout) {
-  pollfd fds[2] = {{wake_.get(), POLLIN, 0}, {kick_.get(), POLLIN, 0}};
-  nfds_t n = (for_kick && kick_.valid()) ? 2 : 1;
+void QueueRunner::wait(bool for_kick, std::chrono::milliseconds timeout, bool for_event) {
+  pollfd fds[3] = {{wake_.get(), POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
+  if (for_kick && kick_.valid()) fds[1].fd = kick_.get();
+  if (for_event && event_ >= 0) fds[2].fd = event_;  // the device drains it
   int ms = timeout.count() < 0 ? -1 : static_cast<int>(timeout.count());
-  int r = ::poll(fds, n, ms);
+  int r = ::poll(fds, 3, ms);
   if (r > 0) {
     if (fds[0].revents & POLLIN) drain(wake_.get());
-    if (n == 2 && (fds[1].revents & POLLIN)) drain(kick_.get());
+    if (fds[1].revents & POLLIN) drain(kick_.get());
   }
 }
 
 void QueueRunner::run() {
   bool poll_mode = options_.poll || !kick_.valid();
+  bool may_sleep = !poll_mode || (kick_.valid() && options_.poll_idle.count() > 0);
   bool kicks_enabled = true;  // the ring starts with kicks requested
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point idle_since{};
+  bool idle = false;
   while (!stop_.load(std::memory_order_acquire)) {
     if (!enabled_.load(std::memory_order_relaxed) || vq_.broken()) {
       wait(false, std::chrono::milliseconds(-1));
@@ -125,7 +131,8 @@ void QueueRunner::run() {
       continue;
     }
     if (w.progress) {
-      if (kicks_enabled && !poll_mode) {
+      idle = false;
+      if (kicks_enabled) {
         // While there is work, the driver need not kick us.
         (void)vq_.set_kick_enabled(false);
         kicks_enabled = false;
@@ -133,7 +140,20 @@ void QueueRunner::run() {
       continue;
     }
     if (poll_mode) {
-      std::this_thread::yield();
+      Clock::time_point now = Clock::now();
+      if (!idle) {
+        idle = true;
+        idle_since = now;
+      }
+      if (!may_sleep || now - idle_since < options_.poll_idle) {
+        std::this_thread::yield();
+        continue;
+      }
+    }
+    idle = false;
+    if (w.blocked && event_ >= 0) {
+      // Waiting for the device's own event (its input), not for the ring.
+      wait(false, std::chrono::milliseconds(-1), true);
       continue;
     }
     // Idle: ask for kicks, then re-check so a buffer added meanwhile is not missed.

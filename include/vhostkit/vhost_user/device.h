@@ -11,6 +11,10 @@
 //               pushes; it reports whether it made progress and whether the driver must
 //               be notified. It must not block for long: the server's control thread
 //               waits for it at a quiescent point (GET_VRING_BASE, memory changes).
+//               It must push every chain it pops within the same call.
+//   Events      a device fed from outside the ring (a tap, another queue, a clock)
+//               reports QueueWork::blocked and offers event_fd(); the worker then
+//               sleeps on that fd instead of the ring's kick.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +33,10 @@ struct QueueWork {
   bool notify = false;                     // signal the queue's call eventfd
   std::optional<TranslateError> deferred;  // stopped at an IOTLB miss (IOMMU on)
   std::optional<VirtqueueError> error;     // the queue broke
+  // Nothing can be done until the device's event_fd(queue) becomes readable (a tap with
+  // no packet to read, a full loopback, a rate limit): the worker sleeps on that fd
+  // rather than on the ring.
+  bool blocked = false;
 };
 
 class Device {
@@ -53,6 +61,10 @@ class Device {
   virtual void set_features(std::uint64_t /*features*/) {}
   // Does the queue's work. Runs on the queue's worker thread.
   virtual QueueWork process(std::uint32_t queue, Virtqueue& vq) = 0;
+  // An fd that becomes readable when a blocked queue (QueueWork::blocked) may proceed;
+  // -1 if the device never blocks on anything but its ring. Level-triggered: the
+  // device drains it in process(). Asked once each time the queue starts.
+  [[nodiscard]] virtual int event_fd(std::uint32_t /*queue*/) const { return -1; }
   // A queue started (on the control thread, before its worker runs).
   virtual void queue_started(std::uint32_t /*queue*/) {}
   // A queue stopped; its worker has finished (on the control thread).

@@ -10,7 +10,12 @@
 //   Modes        sleep mode: when there is no work the worker asks the driver for kicks
 //                (re-checking the ring after asking, so no buffer is missed) and sleeps
 //                on the kick eventfd. Poll mode: the worker never sleeps (benchmarks,
-//                and rings whose kick fd was sent with the NOFD flag).
+//                and rings whose kick fd was sent with the NOFD flag). With poll_idle
+//                non-zero a polling worker that found no work for that long sleeps
+//                as in sleep mode until work arrives, so an idle queue (the receive
+//                queue of a transmit-only flow) does not occupy a core.
+//   Events       a device blocked on something other than its ring (QueueWork::blocked)
+//                is woken by its Device::event_fd() instead of the kick.
 //   Misses       when the device stops at an IOTLB miss, the runner passes the miss to
 //                the miss sink (the backend request channel) the first time it is seen,
 //                then waits for wake() (called when an IOTLB update arrives) or a short
@@ -36,6 +41,8 @@ namespace vhostkit {
 
 struct RunnerOptions {
   bool poll = false;
+  // Poll mode: sleep after this long without work (0: never sleep).
+  std::chrono::microseconds poll_idle{1000};
   std::chrono::milliseconds miss_retry{10};
   bool miss_lookahead = true;  // request every missing page of the waiting chains at once
 };
@@ -76,7 +83,7 @@ class QueueRunner {
  private:
   void run();
   void notify();
-  void wait(bool for_kick, std::chrono::milliseconds timeout);
+  void wait(bool for_kick, std::chrono::milliseconds timeout, bool for_event = false);
 
   std::uint32_t index_;
   Device& device_;
@@ -85,6 +92,7 @@ class QueueRunner {
   ErrorSink on_error_;
   Virtqueue vq_;
   UniqueFd kick_;
+  int event_ = -1;  // Device::event_fd(index_), not owned
   UniqueFd wake_;       // eventfd: stop() and wake() write it
   std::mutex call_mu_;  // guards call_
   UniqueFd call_;
