@@ -67,6 +67,9 @@ Result<VirtioDriver, std::string> VirtioDriver::create(GuestMemory& memory, Driv
     d.desc_ = h;
     d.driver_ = h + avail_off;
     d.device_ = h + used_off;
+    d.desc_len_ = split::desc_table_size(n);
+    d.driver_len_ = split::avail_size(n);
+    d.device_len_ = split::used_size(n);
     Iova base = dma(g, total);  // one coherent block, one mapping
     d.addr_ = RingAddresses{base, base + avail_off, base + used_off};
   } else {
@@ -79,6 +82,9 @@ Result<VirtioDriver, std::string> VirtioDriver::create(GuestMemory& memory, Driv
     d.desc_ = ring->second;
     d.driver_ = drv->second;
     d.device_ = dev->second;
+    d.desc_len_ = packed::desc_ring_size(n);
+    d.driver_len_ = packed::kEventSize;
+    d.device_len_ = packed::kEventSize;
     d.addr_ =
         RingAddresses{dma(ring->first, packed::desc_ring_size(n)),
                       dma(drv->first, packed::kEventSize), dma(dev->first, packed::kEventSize)};
@@ -89,6 +95,7 @@ Result<VirtioDriver, std::string> VirtioDriver::create(GuestMemory& memory, Driv
     if (!ind) return unexpected(std::string("guest memory too small for the indirect tables"));
     d.indirect_gpa_ = *ind;
     d.indirect_ = memory.host(*ind, len);
+    d.indirect_len_ = len;
   }
   d.chains_.resize(n);
   d.free_list_.reserve(n);
@@ -147,6 +154,7 @@ Iova VirtioDriver::write_indirect(std::uint16_t id, std::span<const DriverBuffer
       std::memcpy(table + 16 * i, &sd, 16);
     }
   }
+  wrote(table, 16 * bufs.size());
   const Gpa table_gpa = indirect_gpa_ + static_cast<std::uint64_t>(id) * opt_.max_indirect * 16;
   return device_addr(table_gpa, 16 * bufs.size(), Access::read, chain);
 }
@@ -201,6 +209,7 @@ std::uint16_t VirtioDriver::add_split(std::span<const DriverBuffer> bufs, bool u
     store<std::uint32_t>(p + kDescLen, len, std::memory_order_relaxed);
     store<std::uint16_t>(p + kSplitFlags, flags, std::memory_order_relaxed);
     store<std::uint16_t>(p + kSplitNext, next, std::memory_order_relaxed);
+    wrote(p, 16);
   };
   if (use_indirect) {
     Iova table = write_indirect(head, bufs, c);
@@ -219,6 +228,7 @@ std::uint16_t VirtioDriver::add_split(std::span<const DriverBuffer> bufs, bool u
   // scribble on the table, the driver never trusts it to free descriptors.
   store<std::uint16_t>(driver_ + split::avail_ring(avail_idx_ % n), head,
                        std::memory_order_relaxed);
+  wrote(driver_ + split::avail_ring(avail_idx_ % n), 2);
   ++avail_idx_;
   return head;
 }
@@ -258,6 +268,7 @@ std::uint16_t VirtioDriver::add_packed(std::span<const DriverBuffer> bufs, bool 
       pending_heads_.emplace_back(avail_idx_, flags);  // made available by publish()
     else
       store<std::uint16_t>(p + kPackedFlags, flags, std::memory_order_relaxed);
+    wrote(p, 16);
     if (++avail_idx_ == n) {
       avail_idx_ = 0;
       avail_wrap_ = !avail_wrap_;
@@ -274,6 +285,8 @@ void VirtioDriver::publish() {
     for (auto it = pending_heads_.rbegin(); it != pending_heads_.rend(); ++it)
       store<std::uint16_t>(desc_ + 16ULL * it->first + kPackedFlags, it->second,
                            std::memory_order_release);
+    for (auto it = pending_heads_.rbegin(); it != pending_heads_.rend(); ++it)
+      wrote(desc_ + 16ULL * it->first + kPackedFlags, 2);
     pending_heads_.clear();
     num_added_ += unpublished_descs_;
     unpublished_descs_ = 0;
@@ -283,6 +296,7 @@ void VirtioDriver::publish() {
   }
   // Release: the descriptors and avail->ring[] entries before the index (2.7.13.3).
   store<std::uint16_t>(driver_ + split::kAvailIdx, avail_idx_, std::memory_order_release);
+  wrote(driver_ + split::kAvailIdx, 2);
   published_idx_ = avail_idx_;
 }
 
@@ -373,6 +387,7 @@ std::optional<UsedBuffer> VirtioDriver::poll_split() {
   // With interrupts on, ask to be notified of the next entry (virtio_store_mb).
   if (opt_.event_idx && (avail_flags_shadow_ & kAvailFNoInterrupt) == 0)
     store<std::uint16_t>(driver_ + split::used_event(n), used_idx_, std::memory_order_seq_cst);
+  wrote(driver_ + split::used_event(n), 2);
   return UsedBuffer{static_cast<std::uint16_t>(id), len};
 }
 
@@ -401,6 +416,7 @@ std::optional<UsedBuffer> VirtioDriver::poll_packed() {
   if (event_flags_shadow_ == kEventFlagsDesc) {
     auto off_wrap = static_cast<std::uint16_t>(used_idx_ | (used_wrap_ ? packed::kWrapBit : 0));
     store<std::uint16_t>(driver_ + kEventOffWrap, off_wrap, std::memory_order_seq_cst);
+    wrote(driver_, packed::kEventSize);
   }
   return UsedBuffer{id, len};
 }
@@ -428,6 +444,7 @@ void VirtioDriver::enable_interrupts() {
       store<std::uint16_t>(driver_ + kEventFlags, want, std::memory_order_release);
     }
   }
+  wrote(driver_, driver_len_);
   // Before the caller re-checks more_used(): the device either sees the request or its
   // completion is seen (virtio_mb in virtqueue_poll).
   std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -446,11 +463,49 @@ void VirtioDriver::disable_interrupts() {
     else
       store<std::uint16_t>(driver_ + split::kAvailFlags, kAvailFNoInterrupt,
                            std::memory_order_relaxed);
+    wrote(driver_, driver_len_);
     return;
   }
   if (event_flags_shadow_ == kEventFlagsDisable) return;
   event_flags_shadow_ = kEventFlagsDisable;
   store<std::uint16_t>(driver_ + kEventFlags, kEventFlagsDisable, std::memory_order_relaxed);
+  wrote(driver_, driver_len_);
+}
+
+void VirtioDriver::report(const std::uint8_t* p, std::uint64_t len) const {
+  // Ranges are tested in this order because the split driver area follows the
+  // descriptor table in the same block.
+  const std::pair<const std::uint8_t*, std::pair<Gpa, std::uint64_t>> blocks[] = {
+      {desc_, {gpas_.desc, desc_len_}},
+      {driver_, {gpas_.driver, driver_len_}},
+      {indirect_, {indirect_gpa_, indirect_len_}}};
+  for (const auto& [host, area] : blocks) {
+    if (host == nullptr || p < host || p >= host + area.second) continue;
+    observer_(area.first + static_cast<std::uint64_t>(p - host), len);
+    return;
+  }
+}
+
+Result<void, std::string> VirtioDriver::rehome(const GuestMemory& to) {
+  std::uint8_t* desc = to.host(gpas_.desc, desc_len_);
+  std::uint8_t* driver = to.host(gpas_.driver, driver_len_);
+  std::uint8_t* device = to.host(gpas_.device, device_len_);
+  std::uint8_t* indirect = indirect_ != nullptr ? to.host(indirect_gpa_, indirect_len_) : nullptr;
+  if (desc == nullptr || driver == nullptr || device == nullptr ||
+      (indirect_ != nullptr && indirect == nullptr))
+    return unexpected(std::string("the rings are not mapped in the new guest memory"));
+  desc_ = desc;
+  driver_ = driver;
+  device_ = device;
+  indirect_ = indirect;
+  return {};
+}
+
+std::vector<GpaRange> VirtioDriver::ring_ranges() const {
+  std::vector<GpaRange> r{
+      {gpas_.desc, desc_len_}, {gpas_.driver, driver_len_}, {gpas_.device, device_len_}};
+  if (indirect_ != nullptr) r.push_back({indirect_gpa_, indirect_len_});
+  return r;
 }
 
 }  // namespace vhostkit::frontend

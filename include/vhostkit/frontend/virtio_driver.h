@@ -50,6 +50,12 @@
 //                 (dma_map/dma_unmap: readable buffers read-only, writable write-only
 //                 unless map_writable_read_write), so strict/lazy invalidation timing is
 //                 the Viommu's. Ring blocks stay mapped for the driver's lifetime.
+//   Migration     set_write_observer() reports every range of guest memory the driver
+//                 writes (descriptors, avail ring, indirect tables, event fields), after
+//                 the store: the vCPU half of dirty tracking (KVM's dirty log in a real
+//                 VMM). rehome() moves the driver onto another GuestMemory with the same
+//                 layout once its bytes were copied there (the destination of a live
+//                 migration); indices, free lists and IOMMU mappings carry over.
 //   Device bugs   a completion for an id that is not outstanding, or a split used->idx
 //                 more than the outstanding chains ahead, marks the driver broken (Linux's
 //                 BAD_RING): counted in device_errors(), poll() returns nothing and add()
@@ -61,6 +67,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -169,6 +176,18 @@ class VirtioDriver {
   // The indirect table of an id (max_indirect entries), or nullptr without indirect.
   [[nodiscard]] std::uint8_t* indirect_host(std::uint16_t id) const;
 
+  // Called with (gpa, len) of every store the driver makes to guest memory, after the
+  // store. An empty function turns it off. REQUIRES: the driving thread is not inside a
+  // driver call.
+  using WriteObserver = std::function<void(Gpa gpa, std::uint64_t len)>;
+  void set_write_observer(WriteObserver observer) { observer_ = std::move(observer); }
+  // Points the driver at `to`, which must have the same layout as the memory the driver
+  // was created in and hold a copy of its rings. Error (nothing changes) if a ring or
+  // table is not mapped in `to`.
+  [[nodiscard]] Result<void, std::string> rehome(const GuestMemory& to);
+  // The guest memory the rings and indirect tables occupy (GPAs).
+  [[nodiscard]] std::vector<GpaRange> ring_ranges() const;
+
  private:
   struct Chain {
     std::uint16_t ring_descs = 0;  // ring descriptors (slots) the chain occupies
@@ -187,6 +206,11 @@ class VirtioDriver {
   std::optional<UsedBuffer> poll_packed();
   void release(std::uint16_t id);
   void device_error();
+  // Reports [p, p + len) (driver ring or table memory) to the write observer.
+  void wrote(const std::uint8_t* p, std::uint64_t len) const {
+    if (observer_) report(p, len);
+  }
+  void report(const std::uint8_t* p, std::uint64_t len) const;
 
   DriverOptions opt_;
   RingAddresses addr_;
@@ -196,6 +220,9 @@ class VirtioDriver {
   std::uint8_t* device_ = nullptr;
   Gpa indirect_gpa_;  // one table of max_indirect entries per id
   std::uint8_t* indirect_ = nullptr;
+  // Bytes of each block the driver owns: descriptors, driver area, device area, tables.
+  std::uint64_t desc_len_ = 0, driver_len_ = 0, device_len_ = 0, indirect_len_ = 0;
+  WriteObserver observer_;
 
   std::vector<Chain> chains_;             // by id
   std::vector<std::uint16_t> free_list_;  // split: free descriptors; packed: free ids
