@@ -1,7 +1,19 @@
 // A vhost-user back-end program for interoperability tests: serves a device with N
 // queues that consumes whatever the driver offers on odd queues (a network device's
 // transmit queues) and, with --source, fills the buffers of even queues (receive) with
-// 60-byte broadcast frames behind a 12-byte virtio-net header; otherwise it leaves them. Follows
+// 60-byte broadcast frames behind a 12-byte virtio-net header; otherwise it leaves them. With
+// --marker the payload of each frame starts with the 16 bytes "VHOSTKIT-MIGRATE" and a 64-bit
+// little-endian sequence number (1, 2, ...), so a page of guest memory holding a frame the
+// back-end wrote can be recognized (tests/migration/qemu_migration_test.py). With
+// --mergeable it offers VIRTIO_NET_F_MRG_RXBUF and sets num_buffers to 1 in each header:
+// Linux then copies a small frame out of the receive buffer and never writes the buffer's
+// page itself, so only the back-end dirties it (without it the driver builds its skb
+// around the buffer and its own writes to the page hide the back-end's). With --big it
+// offers VIRTIO_NET_F_GUEST_CSUM and GUEST_TSO4 instead: Linux then posts "big" receive
+// buffers (a chain of pages, the frame lands in the first), copies a small frame out and
+// never writes those pages either; every frame lands in a page of its own. With
+// --interval-us N the source writes one frame every N microseconds instead of as fast as
+// buffers arrive (it sleeps in process(), at most N microseconds). Follows
 // QEMU's back-end program conventions for --socket-path / --fd; exits cleanly on SIGTERM and prints
 //   STATS messages=<n> rejected=<n> chains_q<i>=<n> bytes_q<i>=<n>
 // on stderr. Every request is logged at debug level (--log-level debug).
@@ -9,9 +21,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "vhostkit/log.h"
@@ -23,23 +38,48 @@ using namespace vhostkit;
 
 class SinkDevice : public Device {
  public:
-  SinkDevice(std::uint32_t queues, bool source)
-      : queues_(queues), source_(source), chains_(queues), bytes_(queues), batches_(queues) {
+  SinkDevice(std::uint32_t queues, bool source, bool marker, bool mergeable, bool big)
+      : queues_(queues),
+        source_(source),
+        marker_(marker),
+        mergeable_(mergeable),
+        big_(big),
+        chains_(queues),
+        bytes_(queues),
+        batches_(queues) {
     frame_.assign(12 + 60, 0);  // virtio_net_hdr (12 bytes with VERSION_1), then the frame
     for (int i = 0; i < 6; ++i) frame_[12 + i] = 0xff;  // broadcast destination
     frame_[12 + 6] = 0x02;                              // a locally administered source
     frame_[12 + 12] = 0x88;                             // ethertype 0x88b5 (local experimental)
     frame_[12 + 13] = 0xb5;
+    if (marker_) std::memcpy(&frame_[12 + 14], kMarker, sizeof(kMarker) - 1);
+    if (mergeable_) frame_[10] = 1;  // num_buffers (little endian): one buffer per frame
   }
+  static constexpr char kMarker[] = "VHOSTKIT-MIGRATE";
   std::string name() const override { return "sink0"; }
-  std::uint64_t device_features() const override { return 0; }
+  std::uint64_t device_features() const override {
+    return (mergeable_ ? kNetFMrgRxbuf : 0) | (big_ ? kNetFGuestCsum | kNetFGuestTso4 : 0);
+  }
+  static constexpr std::uint64_t kNetFMrgRxbuf = 1ULL << 15;  // VIRTIO_NET_F_MRG_RXBUF
+  static constexpr std::uint64_t kNetFGuestCsum = 1ULL << 1;  // VIRTIO_NET_F_GUEST_CSUM
+  static constexpr std::uint64_t kNetFGuestTso4 = 1ULL << 7;  // VIRTIO_NET_F_GUEST_TSO4
   std::uint32_t num_queues() const override { return queues_; }
   QueueWork process(std::uint32_t q, Virtqueue& vq) override {
     QueueWork w;
     if (q % 2 == 0 && !source_) return w;  // receive queues: nothing to deliver
     ChainBatch& b = batches_[q];
     b.clear();
-    auto r = vq.pop(b, 32);
+    if (q % 2 == 0 && interval_.count() > 0) {
+      // Paced source: one frame per interval. A late start does not catch up in a burst.
+      auto now = std::chrono::steady_clock::now();
+      auto& next = next_[q];
+      if (next > now)
+        std::this_thread::sleep_until(next);
+      else
+        next = now;
+      next += interval_;
+    }
+    auto r = vq.pop(b, q % 2 == 0 && interval_.count() > 0 ? 1 : 32);
     if (!r) {
       w.error = r.error();
       return w;
@@ -48,7 +88,16 @@ class SinkDevice : public Device {
     std::vector<Completion> done;
     for (const DescChain& c : b.chains()) {
       if (q % 2 == 0) {
-        auto wr = vq.write_chain(b, c, 0, frame_);
+        std::vector<std::uint8_t> marked;
+        std::span<const std::uint8_t> frame = frame_;
+        if (marker_) {
+          marked = frame_;
+          std::uint64_t seq = sequence_.fetch_add(1, std::memory_order_relaxed) + 1;
+          for (int i = 0; i < 8; ++i)
+            marked[12 + 14 + 16 + i] = static_cast<std::uint8_t>(seq >> (8 * i));
+          frame = marked;
+        }
+        auto wr = vq.write_chain(b, c, 0, frame);
         if (!wr) {
           w.error = wr.error();
           return w;
@@ -74,10 +123,17 @@ class SinkDevice : public Device {
   }
   std::uint32_t queues_;
   bool source_;
+  bool marker_;
+  bool mergeable_;
+  bool big_;
+  std::chrono::microseconds interval_{0};
+  std::atomic<std::uint64_t> sequence_{0};
   std::vector<std::uint8_t> frame_;
   std::vector<std::atomic<std::uint64_t>> chains_;
   std::vector<std::atomic<std::uint64_t>> bytes_;
   std::vector<ChainBatch> batches_;
+  std::vector<std::chrono::steady_clock::time_point> next_ =
+      std::vector<std::chrono::steady_clock::time_point>(queues_);  // paced: next frame per queue
 };
 
 BackendServer* g_server = nullptr;
@@ -93,6 +149,10 @@ int main(int argc, char** argv) {
   std::uint32_t queues = 2;
   LogLevel level = LogLevel::info;
   bool source = false;
+  bool marker = false;
+  bool mergeable = false;
+  bool big = false;
+  std::chrono::microseconds interval{0};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* name) -> std::string {
@@ -110,11 +170,20 @@ int main(int argc, char** argv) {
       queues = static_cast<std::uint32_t>(std::stoul(value("--queues")));
     else if (a == "--source")
       source = true;
+    else if (a == "--marker")
+      marker = true;
+    else if (a == "--mergeable")
+      mergeable = true;
+    else if (a == "--big")
+      big = true;
+    else if (a == "--interval-us")
+      interval = std::chrono::microseconds(std::stoul(value("--interval-us")));
     else if (a == "--log-level")
       level = value("--log-level") == "debug" ? LogLevel::debug : LogLevel::info;
     else {
       std::fprintf(stderr,
                    "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--source] "
+                   "[--marker] [--mergeable] [--big] [--interval-us N] "
                    "[--log-level debug]\n");
       return 2;
     }
@@ -129,7 +198,8 @@ int main(int argc, char** argv) {
                      line.data());
       },
       level);
-  SinkDevice device(queues, source);
+  SinkDevice device(queues, source, marker, mergeable, big);
+  device.interval_ = interval;
   BackendServer server(device);
   g_server = &server;
   struct sigaction sa {};
