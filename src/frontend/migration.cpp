@@ -239,7 +239,9 @@ Result<MigrationResult, std::string> Migration::finish(FrontendClient& destinati
   report(last);
 
   MigrationResult& r = result_;
+  const auto t_compare = Clock::now();
   compare(r);
+  r.compare_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_compare).count();
   for (std::size_t q = 0; q < src_.queues.size(); ++q) {
     const VirtioDriver& d = *src_.queues[q];
     QueueMigrationState s;
@@ -298,7 +300,8 @@ Result<MigrationResult, std::string> Migration::finish(FrontendClient& destinati
   }
   if (auto ok = destination.driver_ok(); !ok) return unexpected("destination: " + ok.error());
   if (opt_.resume_guest) opt_.resume_guest(r.notifiers);
-  r.downtime_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_pause).count();
+  r.downtime_ms =
+      std::chrono::duration<double, std::milli>(Clock::now() - t_pause).count() - r.compare_ms;
   r.total_s = seconds_since(t0_);
   return std::move(r);
 }

