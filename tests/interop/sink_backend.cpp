@@ -13,7 +13,9 @@
 // buffers (a chain of pages, the frame lands in the first), copies a small frame out and
 // never writes those pages either; every frame lands in a page of its own. With
 // --interval-us N the source writes one frame every N microseconds instead of as fast as
-// buffers arrive (it sleeps in process(), at most N microseconds). Follows
+// buffers arrive (it sleeps in process(), at most N microseconds). --no-miss-lookahead
+// sends one IOTLB miss at a time instead of every missing page of the waiting chains
+// (RunnerOptions::miss_lookahead). Follows
 // QEMU's back-end program conventions for --socket-path / --fd; exits cleanly on SIGTERM and prints
 //   STATS messages=<n> rejected=<n> chains_q<i>=<n> bytes_q<i>=<n>
 // on stderr. Every request is logged at debug level (--log-level debug).
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
   bool mergeable = false;
   bool big = false;
   std::chrono::microseconds interval{0};
+  BackendOptions options;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const char* name) -> std::string {
@@ -176,6 +179,8 @@ int main(int argc, char** argv) {
       mergeable = true;
     else if (a == "--big")
       big = true;
+    else if (a == "--no-miss-lookahead")
+      options.runner.miss_lookahead = false;
     else if (a == "--interval-us")
       interval = std::chrono::microseconds(std::stoul(value("--interval-us")));
     else if (a == "--log-level")
@@ -184,7 +189,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: sink_backend (--socket-path PATH | --fd FD) [--queues N] [--source] "
                    "[--marker] [--mergeable] [--big] [--interval-us N] "
-                   "[--log-level debug]\n");
+                   "[--no-miss-lookahead] [--log-level debug]\n");
       return 2;
     }
   }
@@ -200,7 +205,7 @@ int main(int argc, char** argv) {
       level);
   SinkDevice device(queues, source, marker, mergeable, big);
   device.interval_ = interval;
-  BackendServer server(device);
+  BackendServer server(device, options);
   g_server = &server;
   struct sigaction sa {};
   sa.sa_handler = on_signal;
