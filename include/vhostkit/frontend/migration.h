@@ -110,8 +110,7 @@ struct MigrationResult {
   double downtime_ms = 0;
   double compare_ms = 0;  // the byte-for-byte comparison
   double total_s = 0;     // start() .. the end of finish()
-  std::uint64_t device_log_out_of_range = 0;
-  // The destination's eventfds per queue (also given to resume_guest).
+  // The destination's eventfds per queue; resume_guest gets them first and may take them.
   std::vector<RingNotifiers> notifiers;
 
   [[nodiscard]] bool ok() const { return differing_pages.empty() && rings_match; }
@@ -159,7 +158,8 @@ class Migration {
   [[nodiscard]] Result<void, std::string> remove_region(std::size_t index);
   // Stop-and-copy, the proof, and the switch to `destination` (a connected client that
   // has not negotiated yet). The result holds the proof whatever it says; an error means
-  // the migration could not be carried out.
+  // the migration could not be carried out (the guest then stays paused, the source
+  // stopped). REQUIRES: called once.
   [[nodiscard]] Result<MigrationResult, std::string> finish(FrontendClient& destination);
   // start(), iterate() until converged(), finish().
   [[nodiscard]] Result<MigrationResult, std::string> run(FrontendClient& destination);
