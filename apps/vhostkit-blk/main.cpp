@@ -168,11 +168,29 @@ int main(int argc, char** argv) {
     }
   }
 
+  // Claim the socket first, so a second daemon on the same path is refused before it
+  // touches the image or says anything else.
+  UniqueFd listener;
+  if (!socket_path.empty()) {
+    auto l = BackendServer::listen_unix(socket_path);
+    if (!l) {
+      std::fprintf(stderr, "vhostkit-blk: %s\n", l.error().c_str());
+      return 1;
+    }
+    listener = std::move(*l);
+  } else {
+    listener.reset(listen_fd);
+  }
   auto device = BlkDevice::open(blk);
   if (!device) {
     std::fprintf(stderr, "vhostkit-blk: %s\n", device.error().c_str());
+    if (!socket_path.empty()) ::unlink(socket_path.c_str());
     return 1;
   }
+  if (!socket_path.empty())
+    log(LogLevel::info, "{}: listening on {}", blk.name, socket_path);
+  else
+    log(LogLevel::info, "{}: serving listening socket fd {}", blk.name, listen_fd);
   BackendOptions bo;
   bo.runner.poll = poll;
   BackendServer server(**device, bo);
@@ -184,19 +202,6 @@ int main(int argc, char** argv) {
   ::sigaction(SIGINT, &sa, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
-  UniqueFd listener;
-  if (!socket_path.empty()) {
-    auto l = BackendServer::listen_unix(socket_path);
-    if (!l) {
-      std::fprintf(stderr, "vhostkit-blk: %s\n", l.error().c_str());
-      return 1;
-    }
-    listener = std::move(*l);
-    log(LogLevel::info, "{}: listening on {}", blk.name, socket_path);
-  } else {
-    listener.reset(listen_fd);
-    log(LogLevel::info, "{}: serving listening socket fd {}", blk.name, listen_fd);
-  }
   auto r = server.run(listener.get());
   g_server = nullptr;
   const BlkStats& s = (*device)->stats();

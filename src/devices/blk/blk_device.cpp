@@ -279,6 +279,9 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
     }
     p.type = le32(hdr);
     const std::uint64_t sector = le64(hdr + 8);
+    if (log_enabled(LogLevel::debug))
+      log(LogLevel::debug, "{} queue {}: request {} type {} sector {} readable {} writable {}",
+          options_.name, q, c.id, p.type, sector, c.readable_len, c.writable_len);
     const std::uint64_t status_off = c.writable_len - 1;
     switch (p.type) {
       case kTIn:
