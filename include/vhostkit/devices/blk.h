@@ -113,9 +113,10 @@ struct BlkStats {
   std::atomic<std::uint64_t> flushes{0};
   std::atomic<std::uint64_t> bytes_read{0};
   std::atomic<std::uint64_t> bytes_written{0};
-  std::atomic<std::uint64_t> errors{0};       // requests completed with IOERR
-  std::atomic<std::uint64_t> unsupported{0};  // requests completed with UNSUPP
-  std::atomic<std::uint64_t> no_status{0};    // requests without room for a status byte
+  std::atomic<std::uint64_t> errors{0};          // requests completed with IOERR
+  std::atomic<std::uint64_t> unsupported{0};     // requests completed with UNSUPP
+  std::atomic<std::uint64_t> no_status{0};       // requests without room for a status byte
+  std::atomic<std::uint64_t> push_deferrals{0};  // pushes that waited for a ring translation
 };
 
 class BlkDevice : public Device {

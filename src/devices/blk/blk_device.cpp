@@ -79,6 +79,9 @@ struct BlkDevice::QueueState {
   std::vector<iovec> iovs;
   std::vector<Completion> done;
   std::vector<std::uint8_t> scratch;  // bounce buffer, discard ranges, zeroes
+  // Completions whose push met an IOTLB miss on a used-ring area (the ring's
+  // translation was invalidated while the batch ran): pushed first on the next call.
+  std::vector<Completion> unpushed;
   bool warned_no_status = false;
 };
 
@@ -218,6 +221,14 @@ long add_iovs(std::span<const Segment> segs, std::uint64_t skip, std::uint64_t l
   return len == 0 ? n : -1;
 }
 
+// A push that failed without breaking the queue met an IOTLB miss on a ring area:
+// the error carries the missing IOVA. Reported to the runner as a deferral, so it asks
+// the front-end for the translation and calls again once it arrives.
+TranslateError ring_miss(const VirtqueueError& e) {
+  TranslateError m{TranslateErrc::iotlb_miss, Iova(e.addr), 1, Access::read_write, true};
+  return m;
+}
+
 int zero_fill(int fd, std::uint64_t off, std::uint64_t len, std::vector<std::uint8_t>& buf) {
   buf.assign(std::min<std::uint64_t>(len, kBounceChunk), 0);
   while (len > 0) {
@@ -237,6 +248,20 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
   QueueWork w;
   if (q >= queues_.size()) return w;
   QueueState& s = *queues_[q];
+  if (!s.unpushed.empty()) {
+    auto n = vq.push(s.unpushed);
+    if (!n) {
+      if (vq.broken() || n.error().code != VirtqueueErrc::ring_unmapped)
+        w.error = n.error();
+      else
+        w.deferred = ring_miss(n.error());
+      return w;
+    }
+    s.unpushed.clear();
+    w.notify = *n;
+    w.progress = true;
+    return w;
+  }
   ChainBatch& b = s.batch;
   b.clear();
   auto popped = vq.pop(b, kBatch);
@@ -481,7 +506,17 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
   }
   auto notify = vq.push(s.done);
   if (!notify) {
-    w.error = notify.error();
+    if (vq.broken() || notify.error().code != VirtqueueErrc::ring_unmapped) {
+      w.error = notify.error();
+    } else {
+      s.unpushed = s.done;
+      stats_.push_deferrals.fetch_add(1, std::memory_order_relaxed);
+      w.deferred = ring_miss(notify.error());
+      log(LogLevel::debug,
+          "{} queue {}: used ring at {:#x} lost its translation; {} completions wait",
+          options_.name, q, notify.error().addr, s.done.size());
+      w.progress = true;
+    }
     return w;
   }
   w.notify = *notify;
