@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   double stats_interval = 0;
   bool no_iommu = false;
   bool no_packed = false;
+  bool no_lookahead = false;
 
   app.add_option("--socket-path", socket_path, "Unix socket to listen on for the front-end");
   app.add_option("--fd", fd, "an already listening Unix socket fd, inherited")
@@ -96,6 +97,8 @@ int main(int argc, char** argv) {
                  "print the counters every this many seconds (0: only at exit)");
   app.add_flag("--no-iommu", no_iommu, "do not offer VIRTIO_F_ACCESS_PLATFORM");
   app.add_flag("--no-packed", no_packed, "do not offer VIRTIO_F_RING_PACKED");
+  app.add_flag("--no-miss-lookahead", no_lookahead,
+               "request one missing IOTLB page at a time instead of all a kick reveals");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -152,6 +155,7 @@ int main(int argc, char** argv) {
   bo.runner.poll_idle = std::chrono::microseconds(poll_idle_us);
   bo.offer_iommu = !no_iommu;
   bo.offer_packed = !no_packed;
+  bo.runner.miss_lookahead = !no_lookahead;
   BackendServer server(**device, bo);
 
   UniqueFd listener;

@@ -527,6 +527,8 @@ BackendServer::Reply BackendServer::get_vring_base(const Message& m) {
 
 BackendServer::Reply BackendServer::iotlb_msg(const Message& m) {
   auto t = m.as<IotlbMsg>();
+  log(LogLevel::debug, "{}: IOTLB type {} iova {:#x} size {:#x} addr {:#x} perm {}", device_.name(),
+      t.type, t.iova, t.size, t.uaddr, t.perm);
   if (!has(virtio::kFAccessPlatform))
     return unexpected(std::string("IOTLB message without VIRTIO_F_ACCESS_PLATFORM"));
   if (t.type == kIotlbUpdate) {
@@ -555,6 +557,15 @@ void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
   std::lock_guard lock(backend_mu_);
   if (!backend_fd_.valid()) {
     log(LogLevel::warn, "{}: queue {} misses IOVA {:#x} but there is no back-end channel",
+        device_.name(), queue, miss.addr.value);
+    return;
+  }
+  // Never block a worker on a full channel: the front-end may be waiting for this very
+  // worker (GET_VRING_BASE under QEMU's lock) and not reading the channel, which would
+  // deadlock both. A miss not sent now is sent again after the IOTLB's miss timeout.
+  pollfd out{backend_fd_.get(), POLLOUT, 0};
+  if (::poll(&out, 1, 0) != 1 || !(out.revents & POLLOUT)) {
+    log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x}: back-end channel full, retried later",
         device_.name(), queue, miss.addr.value);
     return;
   }

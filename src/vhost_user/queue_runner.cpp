@@ -158,8 +158,16 @@ void QueueRunner::run() {
     }
     // Idle: ask for kicks, then re-check so a buffer added meanwhile is not missed.
     auto more = vq_.set_kick_enabled(true);
+    if (!more) {
+      // The ring itself is not translatable (an IOTLB invalidation took it): kicks are
+      // not enabled, so sleeping on the kick fd would sleep forever. Go round again:
+      // pop() reports the ring's miss and the worker waits for its answer.
+      kicks_enabled = false;
+      wait(false, options_.miss_retry);
+      continue;
+    }
     kicks_enabled = true;
-    if (more && *more) continue;
+    if (*more) continue;
     wait(true, std::chrono::milliseconds(-1));
   }
 }
