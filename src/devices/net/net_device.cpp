@@ -96,6 +96,7 @@ struct NetDevice::Pair {
   // source
   std::vector<std::uint8_t> source_frame;  // kHdrRoom + packet_size
   std::uint64_t seq = 0;
+  bool source_built = false;
   std::uint64_t rate = 0;  // this queue's packets per second, 0 = unlimited
   std::chrono::steady_clock::time_point start{};
   bool started = false;
@@ -310,7 +311,13 @@ std::span<std::uint8_t> NetDevice::frame(std::uint32_t queue, Pair& p, std::size
   switch (options_.mode) {
     case NetMode::source: {
       std::span<std::uint8_t> f(p.source_frame.data() + kHdrRoom, options_.packet_size);
-      make_source_frame(f, {0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, queue, p.seq + i);
+      if (!p.source_built) {
+        make_source_frame(f, {0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, queue, p.seq + i);
+        p.source_built = true;
+      } else {
+        std::uint64_t seq = p.seq + i;  // only the sequence number changes
+        for (int k = 0; k < 8; ++k) f[26 + k] = static_cast<std::uint8_t>(seq >> (8 * k));
+      }
       return p.source_frame;
     }
     case NetMode::loopback: {
