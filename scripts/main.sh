@@ -38,10 +38,7 @@ trap cleanup EXIT
 
 start_backend() {  # start_backend <name>
   local sock=$work/$1.sock
-  # --no-miss-lookahead: with a vIOMMU that maps every buffer afresh (the demo's driver,
-  # strict mode) the miss look-ahead was seen to stall the traffic to a few hundred
-  # frames per second; a known problem, under investigation (docs/migration.md).
-  "$net" --socket-path "$sock" --mode source --packet-size 256 --no-miss-lookahead \
+  "$net" --socket-path "$sock" --mode source --packet-size 256 \
     >"$work/$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 200); do

@@ -345,6 +345,12 @@ BackendServer::Reply BackendServer::handle(Message& m) {
     case Request::set_backend_req_fd: {
       std::lock_guard lock(backend_mu_);
       backend_fd_ = std::move(m.fds[0]);
+      {
+        // Room for a look-ahead burst of IOTLB misses (each small message costs about
+        // 1 KiB of socket memory).
+        int bytes = 4 << 20;
+        (void)::setsockopt(backend_fd_.get(), SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+      }
       return std::nullopt;
     }
     case Request::iotlb_msg: return iotlb_msg(m);
@@ -560,15 +566,6 @@ void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
         device_.name(), queue, miss.addr.value);
     return;
   }
-  // Never block a worker on a full channel: the front-end may be waiting for this very
-  // worker (GET_VRING_BASE under QEMU's lock) and not reading the channel, which would
-  // deadlock both. A miss not sent now is sent again after the IOTLB's miss timeout.
-  pollfd out{backend_fd_.get(), POLLOUT, 0};
-  if (::poll(&out, 1, 0) != 1 || !(out.revents & POLLOUT)) {
-    log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x}: back-end channel full, retried later",
-        device_.name(), queue, miss.addr.value);
-    return;
-  }
   log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x} ({})", device_.name(), queue,
       miss.addr.value, to_string(miss.access));
   IotlbMsg t{};
@@ -576,8 +573,16 @@ void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
   t.perm = static_cast<std::uint8_t>(miss.access);
   t.type = kIotlbMiss;
   Message msg = Message::make(static_cast<std::uint32_t>(BackendRequest::iotlb_msg), t);
-  if (auto w = write_message(backend_fd_.get(), msg); !w)
-    log(LogLevel::warn, "{}: sending IOTLB miss: {}", device_.name(), w.error().message());
+  // Never block a worker on a full channel: the front-end may be waiting for this very
+  // worker (GET_VRING_BASE under QEMU's lock) and not reading the channel, which would
+  // deadlock both. A miss not sent now is sent again after the IOTLB's miss timeout.
+  if (auto w = try_write_message(backend_fd_.get(), msg); !w) {
+    if (w.error().sys_errno == EAGAIN || w.error().sys_errno == EWOULDBLOCK)
+      log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x}: channel full, sent again later",
+          device_.name(), queue, miss.addr.value);
+    else
+      log(LogLevel::warn, "{}: sending IOTLB miss: {}", device_.name(), w.error().message());
+  }
 }
 
 }  // namespace vhostkit

@@ -236,7 +236,20 @@ Result<Message, CodecError> read_message(int fd) {
   return m;
 }
 
+namespace {
+Result<void, CodecError> send_whole(int fd, const Message& m, bool dont_wait);
+}  // namespace
+
 Result<void, CodecError> write_message(int fd, const Message& m) {
+  return send_whole(fd, m, false);
+}
+
+Result<void, CodecError> try_write_message(int fd, const Message& m) {
+  return send_whole(fd, m, true);
+}
+
+namespace {
+Result<void, CodecError> send_whole(int fd, const Message& m, bool dont_wait) {
   if (m.fds.size() > kMaxFds)
     return unexpected(CodecError{CodecErrc::too_many_fds, m.request, m.fds.size(), 0});
   std::uint8_t header[kHeaderSize];
@@ -265,7 +278,8 @@ Result<void, CodecError> write_message(int fd, const Message& m) {
   std::size_t total = kHeaderSize + m.payload.size();
   std::size_t sent = 0;
   while (sent < total) {
-    ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    int flags = MSG_NOSIGNAL | (dont_wait && sent == 0 ? MSG_DONTWAIT : 0);
+    ssize_t n = ::sendmsg(fd, &msg, flags);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return unexpected(CodecError{CodecErrc::io_error, m.request, 0, errno});
     sent += static_cast<std::size_t>(n);
@@ -288,5 +302,6 @@ Result<void, CodecError> write_message(int fd, const Message& m) {
   }
   return {};
 }
+}  // namespace
 
 }  // namespace vhostkit::vhost_user

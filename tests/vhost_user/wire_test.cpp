@@ -250,5 +250,36 @@ TEST(Wire, MemfdSurvivesTheTrip) {
   EXPECT_EQ(std::string(buf, 8), "vhostkit");
 }
 
+// A worker must never block on a full back-end channel (the front-end may be waiting
+// for that worker): try_write_message refuses at once, and never leaves half a message.
+TEST(Wire, TryWriteRefusesWhenFullAndNeverSplitsAMessage) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  int small = 4096;
+  ASSERT_EQ(::setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  IotlbMsg t{};
+  t.type = kIotlbMiss;
+  t.perm = 1;
+  int sent = 0;
+  for (; sent < 100000; ++sent) {
+    t.iova = static_cast<std::uint64_t>(sent) << 12;
+    Message m = Message::make(static_cast<std::uint32_t>(BackendRequest::iotlb_msg), t);
+    auto w = try_write_message(a.get(), m);
+    if (!w) {
+      EXPECT_EQ(w.error().sys_errno, EAGAIN);
+      break;
+    }
+  }
+  ASSERT_GT(sent, 0);
+  ASSERT_LT(sent, 100000) << "the channel never filled";
+  // Everything written reads back whole and in order.
+  for (int i = 0; i < sent; ++i) {
+    auto m = read_message(b.get());
+    ASSERT_TRUE(m.has_value()) << i;
+    EXPECT_EQ(m->as<IotlbMsg>().iova, static_cast<std::uint64_t>(i) << 12);
+  }
+}
+
 }  // namespace
 }  // namespace vhostkit::vhost_user

@@ -244,5 +244,9 @@ struct CodecError {
 [[nodiscard]] Result<Message, CodecError> read_message(int fd);
 // Writes one whole message with its fds (the fds stay owned by the message).
 [[nodiscard]] Result<void, CodecError> write_message(int fd, const Message& m);
+// As write_message, but if the socket cannot take the message's first byte now, returns
+// io_error with EAGAIN and writes nothing. Once a first part is sent, the rest is sent
+// blocking, so the stream never holds half a message.
+[[nodiscard]] Result<void, CodecError> try_write_message(int fd, const Message& m);
 
 }  // namespace vhostkit::vhost_user
