@@ -152,7 +152,7 @@ class RxGuest {
 
   const Args& args_;
   GuestMemory* mem_;
-  GuestDirtyLog* log_;
+  [[maybe_unused]] GuestDirtyLog* log_;  // guest writes are recorded by the driver's observer
   Viommu* iommu_;
   VirtioDriver* drv_;
   UniqueFd kick_;
