@@ -53,7 +53,9 @@ void set_fault_drop_one_in(std::uint64_t n) {
   g_drop_one_in.store(n, std::memory_order_relaxed);
 }
 
-std::uint64_t fault_dropped_writes() { return g_dropped.load(std::memory_order_relaxed); }
+std::uint64_t fault_dropped_writes() {
+  return g_dropped.load(std::memory_order_relaxed);
+}
 
 const char* to_string(DirtyLogErrc e) {
   switch (e) {

@@ -92,7 +92,7 @@ class QueueRunner {
   ErrorSink on_error_;
   Virtqueue vq_;
   UniqueFd kick_;
-  int event_ = -1;  // Device::event_fd(index_), not owned
+  int event_ = -1;      // Device::event_fd(index_), not owned
   UniqueFd wake_;       // eventfd: stop() and wake() write it
   std::mutex call_mu_;  // guards call_
   UniqueFd call_;
