@@ -22,6 +22,7 @@
 
 #include <fmt/format.h>
 
+#include "support/echo_device.h"
 #include "vhostkit/dirty_log.h"
 #include "vhostkit/frontend/frontend_client.h"
 #include "vhostkit/frontend/migration.h"
@@ -33,64 +34,14 @@ namespace vhostkit::testing {
 
 using namespace std::chrono_literals;
 
-// Echoes each chain's readable bytes into its writable buffers, like EchoDevice, with
-// per-queue scratch memory: every queue has its own worker thread.
-class MultiQueueEchoDevice : public Device {
- public:
-  MultiQueueEchoDevice(std::string name, std::uint32_t queues)
-      : name_(std::move(name)), queues_(queues), batches_(queues), bufs_(queues) {}
-  std::string name() const override { return name_; }
-  std::uint64_t device_features() const override { return 0; }
-  std::uint32_t num_queues() const override { return queues_; }
-  QueueWork process(std::uint32_t q, Virtqueue& vq) override {
-    QueueWork w;
-    ChainBatch& batch = batches_[q];
-    std::vector<std::uint8_t>& buf = bufs_[q];
-    batch.clear();
-    auto r = vq.pop(batch, 32);
-    if (!r) {
-      w.error = r.error();
-      return w;
-    }
-    w.deferred = r->deferred;
-    std::vector<Completion> done;
-    for (const DescChain& c : batch.chains()) {
-      buf.resize(c.readable_len);
-      std::uint32_t n = vq.read_chain(batch, c, 0, buf);
-      auto written = vq.write_chain(batch, c, 0, std::span(buf.data(), n));
-      if (!written) {
-        w.error = written.error();
-        return w;
-      }
-      done.push_back(Completion{c.id, c.ring_descs, *written});
-    }
-    if (!done.empty()) {
-      auto notify = vq.push(done);
-      if (!notify) {
-        w.error = notify.error();
-        return w;
-      }
-      w.notify = *notify;
-      w.progress = true;
-    }
-    return w;
-  }
-
- private:
-  std::string name_;
-  std::uint32_t queues_;
-  std::vector<ChainBatch> batches_;
-  std::vector<std::vector<std::uint8_t>> bufs_;
-};
-
 struct InProcessBackend {
-  MultiQueueEchoDevice device;
+  EchoDevice device;
   BackendServer server;
   std::thread thread;
   std::unique_ptr<frontend::FrontendClient> client;
 
   InProcessBackend(std::string name, std::uint32_t queues)
-      : device(std::move(name), queues), server(device) {
+      : device(queues, std::move(name)), server(device) {
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) std::abort();
     thread = std::thread([this, fd = sv[0]] { server.serve(UniqueFd(fd)); });

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <string>
 #include <vector>
 
 #include "vhostkit/vhost_user/device.h"
@@ -12,9 +13,11 @@ namespace vhostkit::testing {
 
 class EchoDevice : public Device {
  public:
-  explicit EchoDevice(std::uint32_t queues = 1) : queues_(queues), batches_(queues) {}
+  // Every queue has its own worker thread, so its own batch and scratch memory.
+  explicit EchoDevice(std::uint32_t queues = 1, std::string name = "echo0")
+      : name_(std::move(name)), queues_(queues), batches_(queues), bufs_(queues) {}
 
-  std::string name() const override { return "echo0"; }
+  std::string name() const override { return name_; }
   std::uint64_t device_features() const override { return 0; }
   std::uint32_t num_queues() const override { return queues_; }
   std::vector<std::uint8_t> config() const override { return {1, 2, 3, 4, 5, 6, 7, 8}; }
@@ -26,6 +29,7 @@ class EchoDevice : public Device {
   QueueWork process(std::uint32_t q, Virtqueue& vq) override {
     QueueWork w;
     ChainBatch& batch = batches_[q];
+    std::vector<std::uint8_t>& buf = bufs_[q];
     batch.clear();
     auto r = vq.pop(batch, 32);
     if (!r) {
@@ -35,9 +39,9 @@ class EchoDevice : public Device {
     w.deferred = r->deferred;
     std::vector<Completion> done;
     for (const DescChain& c : batch.chains()) {
-      buf_.resize(c.readable_len);
-      std::uint32_t n = vq.read_chain(batch, c, 0, buf_);
-      auto written = vq.write_chain(batch, c, 0, std::span(buf_.data(), n));
+      buf.resize(c.readable_len);
+      std::uint32_t n = vq.read_chain(batch, c, 0, buf);
+      auto written = vq.write_chain(batch, c, 0, std::span(buf.data(), n));
       if (!written) {
         w.error = written.error();
         return w;
@@ -61,9 +65,10 @@ class EchoDevice : public Device {
   std::atomic<std::uint64_t> resets{0};
 
  private:
+  std::string name_;
   std::uint32_t queues_;
   std::vector<ChainBatch> batches_;
-  std::vector<std::uint8_t> buf_;
+  std::vector<std::vector<std::uint8_t>> bufs_;
 };
 
 }  // namespace vhostkit::testing
