@@ -10,8 +10,8 @@
 //                  returns out_of_range and the log counts it.
 //   DirtyLogBatch  a per-queue write-combining cache: marks are ORed into a few cached
 //                  64-bit words and written to the shared log by flush() (at the end of
-//                  a burst, and whenever the cache is full). Between mark() and flush()
-//                  the bits are not yet visible: flush before completing the burst.
+//                  a burst, and when a word's slot is needed for another word). Between mark() and
+//                  flush() the bits are not yet visible: flush before completing the burst.
 //   fetch_and_clear  the frontend's side: atomically take and zero a range of the log.
 //
 // Thread safety: mark() may be called from any number of threads concurrently. A
@@ -131,12 +131,21 @@ inline constexpr LogMaskTable kLogBit = make_log_mask_table(0);
 inline constexpr LogMaskTable kLogThrough = make_log_mask_table(1);
 }  // namespace detail
 
-// Per-queue write-combining cache in front of a DirtyLog.
+// Per-queue write-combining cache in front of a DirtyLog: a direct-mapped cache of
+// kWords log words (word w lives in slot w % kWords), so a mark costs one compare
+// whether it hits or not. A mark that needs a slot held by another word with bits moves
+// that word to a list of kPending evicted words, which flush() writes to the log along
+// with the cache (or mark() when the list is full). So the atomic ORs on the shared log
+// come in one run at the end of a burst, after its data copies, instead of one between
+// every two copies: each locked OR waits for the stores before it to drain, and a copy
+// into a page that is not in the cache is slow to drain.
 class DirtyLogBatch {
  public:
-  static constexpr std::size_t kWords = 16;
+  static constexpr std::size_t kWords = 16;  // a power of two
+  static constexpr std::size_t kPending = 64;
+  static_assert((kWords & (kWords - 1)) == 0);
 
-  // Records [gpa, gpa + len) as dirty; flushes first when the cache is full.
+  // Records [gpa, gpa + len) as dirty; writes an evicted word to the log first.
   // REQUIRES: len > 0 (a zero length marks nothing).
   [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
     // Fast path, inline: the range lies in the current word, the 256 KiB of guest
@@ -145,7 +154,7 @@ class DirtyLogBatch {
     std::uint64_t d = gpa.value - base_;
     std::uint64_t e = d + (len - 1);
     if (((d | e) < kWordSpan) & (e >= d)) {
-      masks_[n_ - 1] |= detail::kLogThrough.v[e >> 12] - detail::kLogBit.v[d >> 12];
+      masks_[cur_] |= detail::kLogThrough.v[e >> 12] - detail::kLogBit.v[d >> 12];
       return {};
     }
     return mark_slow(log, gpa, len);
@@ -156,22 +165,31 @@ class DirtyLogBatch {
   [[nodiscard]] Result<void, DirtyLogError> flush(DirtyLog& log);
 
   // True when no dirty bit is waiting for flush().
-  [[nodiscard]] bool empty() const { return n_ == 1 && masks_[0] == 0; }
+  [[nodiscard]] bool empty() const {
+    std::uint64_t any = np_;
+    for (std::uint64_t m : masks_) any |= m;
+    return any == 0;
+  }
 
  private:
   static constexpr std::uint64_t kWordSpan = 64 * kPageSize;  // guest bytes per log word
 
-  Result<void, DirtyLogError> add(DirtyLog& log, std::uint64_t word, std::uint64_t mask);
   Result<void, DirtyLogError> mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len);
+  // Writes the evicted words to the log; false (and *error set) on the first failure.
+  bool write_pending(DirtyLog& log, DirtyLogError* error);
 
-  // words_[0, n_) are log word indices, masks_ their pending bits. n_ >= 1 always:
-  // slot n_ - 1 is the current word, the last one marked, and base_ is its first guest
-  // byte (words_[n_ - 1] * kWordSpan). flush() keeps the current word with no bits;
-  // that is the only time a mask is 0 (and then n_ == 1).
+  // Slot i holds log word words_[i] (== i mod kWords whenever masks_[i] != 0) and its
+  // pending bits masks_[i]. cur_ is the slot marked last and base_ its word's first
+  // guest byte (words_[cur_] * kWordSpan); flush() clears the bits but keeps the words,
+  // so the next burst's marks near the current word take the fast path at once.
   std::uint64_t words_[kWords] = {};
   std::uint64_t masks_[kWords] = {};
-  std::size_t n_ = 1;
+  std::size_t cur_ = 0;
   std::uint64_t base_ = 0;
+  // Evicted words and their bits, waiting for flush(): pend_words_[0, np_).
+  std::uint64_t pend_words_[kPending] = {};
+  std::uint64_t pend_masks_[kPending] = {};
+  std::size_t np_ = 0;
 };
 
 template <typename Fn>

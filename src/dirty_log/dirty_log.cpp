@@ -188,64 +188,62 @@ bool DirtyLog::test(std::uint64_t page) const {
          1u;
 }
 
-Result<void, DirtyLogError> DirtyLogBatch::add(DirtyLog& log, std::uint64_t word,
-                                               std::uint64_t mask) {
-  // Most bursts touch few words: scan from the newest, the likeliest hit.
-  for (std::size_t i = n_; i-- > 0;) {
-    if (words_[i] == word) {
-      // Keep the word just used last: the inline fast path in mark() looks there.
-      std::uint64_t m = masks_[i] | mask;
-      words_[i] = words_[n_ - 1];
-      masks_[i] = masks_[n_ - 1];
-      words_[n_ - 1] = word;
-      masks_[n_ - 1] = m;
-      return {};
-    }
-  }
-  Result<void, DirtyLogError> r;
-  // A new word takes a slot of its own, unless the current word has no bits (just
-  // after flush()): then it takes the current word's slot.
-  if (masks_[n_ - 1] != 0) {
-    if (n_ == kWords)
-      r = flush(log);  // leaves the one slot without bits
-    else
-      ++n_;
-  }
-  words_[n_ - 1] = word;
-  masks_[n_ - 1] = mask;
-  return r;
-}
-
 Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len) {
   if (len == 0) return {};
   std::uint64_t last_byte = gpa.checked_end(len) ? gpa.value + (len - 1) : ~0ULL;
   std::uint64_t p = gpa.page();
   std::uint64_t last = last_byte >> 12;
-  Result<void, DirtyLogError> result;
+  // The first eviction error, built only when there is one: this runs for most marks of
+  // a burst that scatters over guest memory.
+  bool failed = false;
+  DirtyLogError first{};
   while (true) {
     std::uint64_t word = p / 64;
     std::uint64_t upto = std::min(last, word * 64 + 63);
     auto lo = static_cast<unsigned>(p % 64);
     auto hi = static_cast<unsigned>(upto % 64);
     std::uint64_t mask = (~0ULL >> (63 - hi)) & (~0ULL << lo);
-    if (auto r = add(log, word, mask); !r && result) result = r;
+    std::size_t i = word % kWords;
+    if (words_[i] != word) {
+      if (masks_[i] != 0) {
+        if (np_ == kPending && !write_pending(log, failed ? nullptr : &first)) failed = true;
+        pend_words_[np_] = words_[i];
+        pend_masks_[np_] = masks_[i];
+        ++np_;
+      }
+      words_[i] = word;
+      masks_[i] = 0;
+    }
+    masks_[i] |= mask;
+    cur_ = i;
     if (upto == last) break;
     p = upto + 1;
   }
-  base_ = words_[n_ - 1] * kWordSpan;
-  return result;
+  base_ = words_[cur_] * kWordSpan;
+  if (failed) return unexpected(first);
+  return {};
+}
+
+bool DirtyLogBatch::write_pending(DirtyLog& log, DirtyLogError* error) {
+  bool ok = true;
+  for (std::size_t k = 0; k < np_; ++k) {
+    if (auto r = log.mark_word(pend_words_[k], pend_masks_[k]); !r && ok) {
+      ok = false;
+      if (error != nullptr) *error = r.error();
+    }
+  }
+  np_ = 0;
+  return ok;
 }
 
 Result<void, DirtyLogError> DirtyLogBatch::flush(DirtyLog& log) {
   Result<void, DirtyLogError> result;
-  for (std::size_t i = 0; i < n_; ++i)
-    if (masks_[i] != 0)
-      if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
-  // Keep the current word, without bits, so that the next burst's marks near it take
-  // the fast path at once.
-  words_[0] = words_[n_ - 1];
-  masks_[0] = 0;
-  n_ = 1;
+  if (DirtyLogError e{}; np_ != 0 && !write_pending(log, &e)) result = unexpected(e);
+  for (std::size_t i = 0; i < kWords; ++i) {
+    if (masks_[i] == 0) continue;
+    if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
+    masks_[i] = 0;
+  }
   return result;
 }
 

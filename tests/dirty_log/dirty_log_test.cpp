@@ -131,11 +131,31 @@ TEST(DirtyLogBatch, FullCacheFlushesItself) {
   std::vector<std::uint8_t> mem(4096, 0);
   auto log = DirtyLog::over(mem);
   DirtyLogBatch batch;
-  for (std::uint64_t w = 0; w < DirtyLogBatch::kWords + 1; ++w)
-    ASSERT_TRUE(batch.mark(*log, Gpa(w * 64 * 4096), 1));
-  EXPECT_TRUE(log->test(0));  // the first words were written when the cache filled up
+  // Consecutive words: from the kWords-th on, each evicts the word kWords before it
+  // into the pending list; the (kPending + 1)-th eviction finds the list full and
+  // writes it to the log.
+  constexpr std::uint64_t kN = DirtyLogBatch::kWords + DirtyLogBatch::kPending;
+  for (std::uint64_t w = 0; w < kN; ++w) ASSERT_TRUE(batch.mark(*log, Gpa(w * 64 * 4096), 1));
+  for (std::uint64_t w = 0; w < kN; ++w) EXPECT_FALSE(log->test(w * 64)) << w;
+  ASSERT_TRUE(batch.mark(*log, Gpa(kN * 64 * 4096), 1));
+  for (std::uint64_t w = 0; w < DirtyLogBatch::kPending; ++w) EXPECT_TRUE(log->test(w * 64)) << w;
+  EXPECT_FALSE(log->test(DirtyLogBatch::kPending * 64));  // evicted last, still pending
+  EXPECT_FALSE(batch.empty());
   ASSERT_TRUE(batch.flush(*log));
-  for (std::uint64_t w = 0; w < DirtyLogBatch::kWords + 1; ++w) EXPECT_TRUE(log->test(w * 64));
+  EXPECT_TRUE(batch.empty());
+  for (std::uint64_t w = 0; w <= kN; ++w) EXPECT_TRUE(log->test(w * 64)) << w;
+}
+
+TEST(DirtyLogBatch, ARangeOverManyWordsIsLoggedWhole) {
+  std::vector<std::uint8_t> mem(4096, 0);
+  auto log = DirtyLog::over(mem);
+  DirtyLogBatch batch;
+  // 200 words: more than the cache and the pending list hold together.
+  const std::uint64_t pages = 200 * 64;
+  ASSERT_TRUE(batch.mark(*log, Gpa(3 * 4096), pages * 4096));
+  ASSERT_TRUE(batch.flush(*log));
+  for (std::uint64_t p = 0; p < pages + 6; ++p)
+    ASSERT_EQ(log->test(p), p >= 3 && p < pages + 3) << p;
 }
 
 TEST(DirtyLogBatch, UnalignedLogAndPartialLastWord) {
