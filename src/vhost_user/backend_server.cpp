@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <map>
 
 #include <fmt/format.h>
 
@@ -74,7 +75,11 @@ BackendServer::BackendServer(Device& device, BackendOptions options)
       space_(std::make_unique<AddressSpace>(MemoryLimits{options.max_mem_slots}, options.iotlb)),
       stop_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
   queues_.resize(device_.num_queues());
+  // One worker thread per worker_of() number: the runners share it (and keep it alive).
+  std::map<std::uint32_t, std::shared_ptr<QueueWorker>> workers;
   for (std::uint32_t i = 0; i < queues_.size(); ++i) {
+    auto& worker = workers[device_.worker_of(i)];
+    if (!worker) worker = std::make_shared<QueueWorker>();
     queues_[i].runner = std::make_unique<QueueRunner>(
         i, *space_, device_, options_.runner,
         [this](std::uint32_t q, const TranslateError& miss) { send_miss(q, miss); },
@@ -85,7 +90,8 @@ BackendServer::BackendServer(Device& device, BackendOptions options)
             std::uint64_t one = 1;
             (void)!::write(queues_[q].err.get(), &one, sizeof one);
           }
-        });
+        },
+        worker);
   }
 }
 

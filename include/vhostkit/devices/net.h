@@ -88,6 +88,8 @@ class NetDevice : public Device {
   [[nodiscard]] std::string name() const override { return "net0"; }
   [[nodiscard]] std::uint64_t device_features() const override;
   [[nodiscard]] std::uint32_t num_queues() const override { return 2 * options_.queue_pairs; }
+  // One worker thread per queue pair: receive queue 2n and transmit queue 2n + 1.
+  [[nodiscard]] std::uint32_t worker_of(std::uint32_t queue) const override { return queue / 2; }
   // struct virtio_net_config: mac, status (link up), max_virtqueue_pairs, mtu.
   [[nodiscard]] std::vector<std::uint8_t> config() const override;
   void set_features(std::uint64_t features) override;

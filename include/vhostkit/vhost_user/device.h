@@ -12,6 +12,9 @@
 //               be notified. It must not block for long: the server's control thread
 //               waits for it at a quiescent point (GET_VRING_BASE, memory changes).
 //               It must push every chain it pops within the same call.
+//   Workers     queues that worker_of() maps to the same number share one worker thread,
+//               which serves them in turn (a net device's receive and transmit queue of
+//               one pair); by default every queue has a worker of its own.
 //   Events      a device fed from outside the ring (a tap, another queue, a clock)
 //               reports QueueWork::blocked and offers event_fd(); the worker then
 //               sleeps on that fd instead of the ring's kick.
@@ -59,6 +62,9 @@ class Device {
   }
   // The features the driver accepted (SET_FEATURES), before any queue starts.
   virtual void set_features(std::uint64_t /*features*/) {}
+  // The worker thread that serves the queue: queues with the same number share one.
+  // Must not change while the device lives.
+  [[nodiscard]] virtual std::uint32_t worker_of(std::uint32_t queue) const { return queue; }
   // Does the queue's work. Runs on the queue's worker thread.
   virtual QueueWork process(std::uint32_t queue, Virtqueue& vq) = 0;
   // An fd that becomes readable when a blocked queue (QueueWork::blocked) may proceed;

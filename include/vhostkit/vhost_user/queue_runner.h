@@ -1,12 +1,18 @@
-// vhostkit/vhost_user/queue_runner.h: one virtqueue and the worker thread that serves it.
+// vhostkit/vhost_user/queue_runner.h: one virtqueue, and the worker threads that serve
+// virtqueues.
 //
 // Concepts
-//   QueueRunner  owns a Virtqueue and, while the ring is started, a worker thread that
-//                calls Device::process() whenever the queue may have work. The control
+//   QueueRunner  owns a Virtqueue; while the ring is started, a QueueWorker calls
+//                Device::process() whenever the queue may have work. The control
 //                thread starts it (SET_VRING_KICK / first kick) and stops it
-//                (GET_VRING_BASE): stop() waits until the worker has left its burst and
-//                exited, then returns the ring state, so the state is taken at a
-//                quiescent point after the last logged write.
+//                (GET_VRING_BASE): stop() waits until the worker has left the queue's
+//                burst and let go of the queue, then returns the ring state, so the
+//                state is taken at a quiescent point after the last logged write.
+//   QueueWorker  one thread serving one or more started QueueRunners in turn (the
+//                queues Device::worker_of() maps to it). It sleeps only when every queue
+//                it serves may sleep, on all their kick and event fds at once; while any
+//                of them has work it looks at each of them every round. The thread runs
+//                while it serves at least one queue.
 //   Modes        sleep mode: when there is no work the worker asks the driver for kicks
 //                (re-checking the ring after asking, so no buffer is missed) and sleeps
 //                on the kick eventfd. Poll mode: the worker never sleeps (benchmarks,
@@ -26,8 +32,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -47,13 +55,16 @@ struct RunnerOptions {
   bool miss_lookahead = true;  // request every missing page of the waiting chains at once
 };
 
+class QueueWorker;
+
 class QueueRunner {
  public:
   using MissSink = std::function<void(std::uint32_t queue, const TranslateError& miss)>;
   using ErrorSink = std::function<void(std::uint32_t queue, const VirtqueueError& error)>;
 
+  // worker: the thread that will serve this queue (shared with other runners, or not).
   QueueRunner(std::uint32_t index, AddressSpace& space, Device& device, RunnerOptions options,
-              MissSink on_miss, ErrorSink on_error);
+              MissSink on_miss, ErrorSink on_error, std::shared_ptr<QueueWorker> worker);
   ~QueueRunner();
   QueueRunner(const QueueRunner&) = delete;
   QueueRunner& operator=(const QueueRunner&) = delete;
@@ -64,7 +75,7 @@ class QueueRunner {
                                                    UniqueFd kick);
   // Stops the worker at a quiescent point and returns the ring state.
   RingState stop();
-  [[nodiscard]] bool running() const { return worker_.joinable(); }
+  [[nodiscard]] bool running() const { return running_; }
 
   // Replaces the call eventfd (SET_VRING_CALL; may arrive while running).
   void set_call(UniqueFd call);
@@ -81,26 +92,81 @@ class QueueRunner {
   }
 
  private:
-  void run();
+  friend class QueueWorker;
+  using Clock = std::chrono::steady_clock;
+  // What one look at the queue found; the worker decides from all its queues' steps
+  // whether to go round at once, spin, or sleep.
+  enum class Step {
+    busy,         // made progress: look again at once
+    spin,         // poll mode, idle for less than poll_idle: look again soon
+    sleep_kick,   // kicks enabled, nothing to do: may sleep on the kick fd
+    sleep_event,  // blocked on the device's event fd
+    wait_miss,    // waiting for an IOTLB update (wake) or until retry_at_
+    parked,       // disabled or broken: nothing until wake()
+  };
+  // One burst and what follows it (worker thread only).
+  Step step(Clock::time_point now);
+  // Virtqueue::set_kick_enabled() in a burst of its own.
+  Result<bool, VirtqueueError> kick_enabled(bool enabled);
   void notify();
-  void wait(bool for_kick, std::chrono::milliseconds timeout, bool for_event = false);
 
   std::uint32_t index_;
   Device& device_;
   RunnerOptions options_;
   MissSink on_miss_;
   ErrorSink on_error_;
+  std::shared_ptr<QueueWorker> worker_;
   Virtqueue vq_;
   UniqueFd kick_;
-  int event_ = -1;      // Device::event_fd(index_), not owned
-  UniqueFd wake_;       // eventfd: stop() and wake() write it
-  std::mutex call_mu_;  // guards call_
+  int event_ = -1;        // Device::event_fd(index_), not owned
+  bool running_ = false;  // control thread
+  std::mutex call_mu_;    // guards call_
   UniqueFd call_;
-  std::atomic<bool> stop_{false};
   std::atomic<bool> enabled_{true};
   std::atomic<std::uint64_t> notifications_{0};
-  std::vector<TranslateError> misses_;  // worker only
-  std::thread worker_;
+  // Worker thread only, reset by start():
+  std::vector<TranslateError> misses_;
+  bool poll_mode_ = false;
+  bool may_sleep_ = false;
+  bool kicks_enabled_ = true;  // the ring starts with kicks requested
+  bool idle_ = false;
+  Clock::time_point idle_since_{};
+  Clock::time_point retry_at_{};
+  Step last_ = Step::busy;
+};
+
+class QueueWorker {
+ public:
+  QueueWorker();
+  ~QueueWorker();
+  QueueWorker(const QueueWorker&) = delete;
+  QueueWorker& operator=(const QueueWorker&) = delete;
+
+  // Control thread: serve q from now on (starts the thread if it is not running).
+  void add(QueueRunner* q);
+  // Control thread: stop serving q; returns once the worker is outside q's burst and
+  // will not touch q again (joins the thread if q was its last queue).
+  void remove(QueueRunner* q);
+  // Any thread: make the worker look at all its queues again now.
+  void wake();
+  // The thread serving the queues (default-constructed while not running).
+  [[nodiscard]] std::thread::id thread_id() const;
+
+ private:
+  void run();
+
+  UniqueFd wake_;  // eventfd: wake(), add() and remove() write it
+  std::atomic<bool> woken_{false};
+  std::atomic<bool> changes_{false};  // to_add_ or to_remove_ not empty
+  mutable std::mutex mu_;             // guards the fields below and thread_
+  std::condition_variable cv_;
+  std::vector<QueueRunner*> to_add_;
+  std::vector<QueueRunner*> to_remove_;
+  std::uint64_t remove_requests_ = 0;
+  std::uint64_t removes_done_ = 0;
+  bool exiting_ = false;  // the thread found no queue left and ends
+  std::thread thread_;
+  std::vector<QueueRunner*> queues_;  // worker thread only
 };
 
 }  // namespace vhostkit
