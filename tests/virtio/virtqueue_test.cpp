@@ -362,6 +362,30 @@ TEST_F(QueueTest, UnmappedRingUnderIommuIsDeferred) {
   EXPECT_EQ(vq->pop(batch, 16)->popped, 1u);
 }
 
+// A ring miss met first outside pop() (the runner's set_kick_enabled() or
+// has_available() between bursts, a push()) must still be reported by the next pop():
+// the miss was recorded then, and without the report the worker would wait for the miss
+// timeout (1 s) before asking the front-end.
+TEST_F(QueueTest, RingMissMetOutsidePopIsReportedByTheNextPop) {
+  map_all_iova();
+  ASSERT_TRUE(vq->start(split_config(true, false, true)));
+  ASSERT_TRUE(vq->set_kick_enabled(true));
+  space.iotlb_flush();  // as a memory-table change or a global invalidation does
+  auto kick = vq->set_kick_enabled(true);
+  ASSERT_FALSE(kick);
+  EXPECT_EQ(kick.error().code, VirtqueueErrc::ring_unmapped);
+  EXPECT_FALSE(vq->broken());
+  auto r = vq->pop(batch, 16);
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->deferred);
+  EXPECT_EQ(r->deferred->addr, Iova(kIovaBase + kDesc));
+  EXPECT_TRUE(r->deferred->report_miss);
+  r = vq->pop(batch, 16);  // reported once
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->deferred);
+  EXPECT_FALSE(r->deferred->report_miss);
+}
+
 // Every write the device makes is logged by GPA: buffer data, used element, used index.
 TEST_F(QueueTest, LogsEveryDeviceWriteAtItsGpa) {
   enable_log();
