@@ -13,16 +13,24 @@
 //                 serves both. write() copies into guest memory and logs every written
 //                 segment by the segment's own gpa (there is no host -> GPA lookup), at
 //                 every alias of that gpa. A small translation cache is dropped whenever
-//                 the space's generation changes.
+//                 the translator refreshes to a newer generation of the space.
 //   Bursts        begin_burst()/end_burst() bracket a worker's unit of work. end_burst()
-//                 flushes batched dirty bits. AddressSpace::synchronize() waits until no
-//                 translator is still inside a burst that began before the latest change
-//                 (an RCU-style grace period): after it returns, no worker uses a
-//                 translation, log or mapping state older than that change.
+//                 flushes batched dirty bits. A burst sees one state: the translator
+//                 refreshes when the burst begins and not again until it ends, so what a
+//                 worker translated early in a burst (a popped chain, the ring areas) is
+//                 still valid when it completes the work later in the same burst. A change
+//                 made meanwhile is seen by the next burst; inside the burst an IOTLB
+//                 lookup that meets an IOTLB already rebound to a newer memory table is a
+//                 miss. Outside a burst every call refreshes first.
+//                 AddressSpace::synchronize() waits until no translator is still inside a
+//                 burst that began before the latest change (an RCU-style grace period):
+//                 after it returns, no worker uses a translation, log or mapping state
+//                 older than that change.
 //
 // Lifetime: a Translator holds shared references to the memory snapshot and the log it
 // translates with, so the memory behind any pointer it returns stays mapped until the
-// translator refreshes (next call after a change) or is destroyed.
+// translator refreshes (after a change: when the next burst begins, or outside a burst at
+// the next call) or is destroyed.
 #pragma once
 
 #include <atomic>
@@ -197,7 +205,8 @@ class Translator {
     return state_.iommu;
   }
 
-  // Refreshes if the address space changed; returns the generation now in use.
+  // Refreshes if the address space changed (outside a burst; inside one the state the
+  // burst began with stays); returns the generation now in use.
   std::uint64_t sync() {
     check_generation();
     return generation_;
@@ -220,8 +229,10 @@ class Translator {
     HostPtr host = nullptr;
     Access perm = Access::none;
   };
+  [[nodiscard]] bool in_burst() const { return active_.load(std::memory_order_relaxed) != 0; }
+  // Refreshes if the space changed, unless inside a burst (see Bursts above).
   void check_generation() {
-    if (space_.generation_.load(std::memory_order_acquire) != generation_) refresh();
+    if (space_.generation_.load(std::memory_order_acquire) != generation_ && !in_burst()) refresh();
   }
   void refresh();
   Result<Chunk, TranslateError> resolve(std::uint64_t addr, std::uint64_t len, Access access);

@@ -275,7 +275,7 @@ class Virtqueue {
   ChainBatch scratch_;
   bool pending_used_from_ring_ = false;            // read used->idx once the ring maps
   std::optional<TranslateError> last_miss_;        // why the rings could not be mapped
-  std::optional<TranslateError> unreported_miss_;  // a ring miss start() saw first
+  std::optional<TranslateError> unreported_miss_;  // a ring miss pop() has yet to report
   std::uint16_t avail_shadow_ = 0;                 // split: last avail->idx read
 };
 

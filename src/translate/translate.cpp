@@ -205,6 +205,8 @@ void Translator::refresh() {
 
 void Translator::begin_burst() {
   active_.store(generation_ == 0 ? 1 : generation_, std::memory_order_seq_cst);
+  // The only refresh inside a burst: until end_burst() the worker goes on with this
+  // state, and synchronize() waits for it.
   if (space_.generation_.load(std::memory_order_seq_cst) != generation_) refresh();
 }
 
@@ -236,11 +238,14 @@ Result<Translator::Chunk, TranslateError> Translator::resolve(std::uint64_t addr
     c = Chunk{r->gpa.value, r->size, r->gpa, r->host, Access::read_write};
   } else {
     auto found = space_.iotlb_.lookup(Iova(addr), state_.memory->generation());
-    if (found.stale) {
+    if (found.stale && !in_burst()) {
       // The memory table changed after our last refresh: take the new state and retry.
       refresh();
       found = space_.iotlb_.lookup(Iova(addr), state_.memory->generation());
     }
+    // Still stale: the table changed during this burst, which keeps its state to the
+    // end. The IOTLB was flushed with the change, so the translation must be asked for
+    // again anyway: a miss, and the next burst looks it up in the new table.
     if (!found.entry) {
       bool report = space_.iotlb_.note_miss(Iova(addr), access, std::chrono::steady_clock::now());
       return unexpected(TranslateError{TranslateErrc::iotlb_miss, Iova(addr), len, access, report});

@@ -93,9 +93,6 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
       return unexpected(*broken_);
     } else {
       pending_used_from_ring_ = true;
-      // The ring's translation is missing: the miss was recorded now, so make sure the
-      // first pop() still reports it (otherwise it would wait for the miss timeout).
-      if (last_miss_ && last_miss_->report_miss) unreported_miss_ = last_miss_;
     }
   }
   return {};
@@ -128,6 +125,10 @@ Result<void, VirtqueueError> Virtqueue::map_area(Iova addr, std::uint64_t len, A
     const TranslateError& e = n.error();
     if (e.code == TranslateErrc::iotlb_miss) {
       last_miss_ = e;
+      // Only pop() hands a ring miss on to be sent (PopResult::deferred). If start(),
+      // push(), set_kick_enabled() or has_available() met it first, the next pop() must
+      // still report it, or the miss would wait for the IOTLB's miss timeout.
+      if (e.report_miss) unreported_miss_ = e;
       return unexpected(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, e.addr.value});
     }
     return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, 0, addr.value}));
@@ -285,7 +286,10 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
 std::size_t Virtqueue::collect_misses(std::vector<TranslateError>& out, std::size_t max_chains) {
   std::size_t before = out.size();
   if (auto m = ensure_mapped(); !m) {
-    if (last_miss_ && last_miss_->report_miss) out.push_back(*last_miss_);
+    if (last_miss_ && last_miss_->report_miss) {
+      out.push_back(*last_miss_);
+      unreported_miss_.reset();  // reported here
+    }
     return out.size() - before;
   }
   RingState saved_state = state_;

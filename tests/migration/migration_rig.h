@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -74,6 +75,9 @@ struct RigConfig {
   unsigned rounds = 4;  // iterate() calls
   unsigned add_at = 1;  // before which round
   unsigned remove_at = 2;
+  // Land each memory-table change between a source worker's pop and its push (see
+  // MidBurstGate), instead of wherever the worker happens to be.
+  bool change_mid_burst = false;
   std::uint64_t warmup = 64;  // chains before the migration starts
   std::uint64_t during = 0;   // chains that must complete while the migration iterates
   std::uint64_t after = 64;   // chains on the destination
@@ -127,6 +131,14 @@ class EchoGuest {
     if (thread_.joinable()) thread_.join();
   }
   void pause() { paused_ = std::unique_lock(mu_); }
+  void unpause() { paused_.unlock(); }
+  // While paused, so that the guest sends the back-end nothing (no IOTLB invalidation):
+  // offers one more chain on queue 0, beyond the chains in flight, and kicks.
+  bool offer_while_paused() {
+    if (!paused_.owns_lock() || drivers.empty() || !issue_one(0)) return false;
+    kick(0);
+    return true;
+  }
   void resume(frontend::GuestMemory* mem, std::vector<frontend::RingNotifiers>& n) {
     mem_ = mem;
     notifiers = std::move(n);
@@ -186,33 +198,38 @@ class EchoGuest {
     return p;
   }
 
+  // Offers one chain on queue q: false if there is no free slot or no room in the ring.
+  bool issue_one(std::uint32_t q) {
+    auto& d = drivers[q];
+    if (free_slots_.empty() || d.free_descriptors() < 2) return false;
+    Gpa slot = free_slots_.front();
+    free_slots_.pop_front();
+    std::uint64_t seq = ++seq_;
+    auto len = static_cast<std::uint32_t>(32 + (seq * 2654435761u) % (cfg_.max_payload - 31));
+    auto bytes = payload(q, seq, len);
+    if (!mem_->write(slot, bytes)) std::abort();
+    log_->mark(slot, len);  // the vCPU's write, in KVM's dirty log
+    std::vector<frontend::DriverBuffer> bufs{{slot, len, false}, {slot + kPageSize, 4096, true}};
+    auto id = d.add(bufs);
+    if (!id) {
+      free_slots_.push_front(slot);
+      return false;
+    }
+    pending_[q][*id] = Pending{slot, seq, len};
+    return true;
+  }
+
+  void kick(std::uint32_t q) {
+    std::uint64_t one = 1;
+    if (::write(notifiers[q].kick.get(), &one, 8) != 8) std::abort();
+  }
+
   void step() {
     for (std::uint32_t q = 0; q < drivers.size(); ++q) {
       auto& d = drivers[q];
       bool added = false;
-      while (issue_.load() && d.outstanding() < cfg_.inflight && !free_slots_.empty() &&
-             d.free_descriptors() >= 2) {
-        Gpa slot = free_slots_.front();
-        free_slots_.pop_front();
-        std::uint64_t seq = ++seq_;
-        auto len = static_cast<std::uint32_t>(32 + (seq * 2654435761u) % (cfg_.max_payload - 31));
-        auto bytes = payload(q, seq, len);
-        if (!mem_->write(slot, bytes)) std::abort();
-        log_->mark(slot, len);  // the vCPU's write, in KVM's dirty log
-        std::vector<frontend::DriverBuffer> bufs{{slot, len, false},
-                                                 {slot + kPageSize, 4096, true}};
-        auto id = d.add(bufs);
-        if (!id) {
-          free_slots_.push_front(slot);
-          break;
-        }
-        pending_[q][*id] = Pending{slot, seq, len};
-        added = true;
-      }
-      if (added && d.kick_needed()) {
-        std::uint64_t one = 1;
-        if (::write(notifiers[q].kick.get(), &one, 8) != 8) std::abort();
-      }
+      while (issue_.load() && d.outstanding() < cfg_.inflight && issue_one(q)) added = true;
+      if (added && d.kick_needed()) kick(q);
       while (auto u = d.poll()) {
         auto it = pending_[q].find(u->id);
         if (it == pending_[q].end()) {
@@ -248,6 +265,61 @@ class EchoGuest {
   std::atomic<std::uint64_t> mismatches_{0};
 };
 
+// Makes a memory-table change land inside a source worker's burst, between a pop and its
+// push (by chance that happens in about one migration in 150): the next worker to pop
+// chains holds them until the control thread has applied the change, then echoes and
+// pushes them while the control thread waits for it. The guest must be paused meanwhile:
+// a control message that waits for the parked worker (an IOTLB invalidation) would
+// otherwise hold up the change the worker waits for.
+class MidBurstGate {
+ public:
+  void attach(AddressSpace* space) { space_ = space; }
+
+  // Worker side: EchoDevice::after_pop.
+  void after_pop() {
+    std::shared_ptr<const MemorySnapshot> before;
+    {
+      std::lock_guard lk(mu_);
+      if (!armed_) return;
+      armed_ = false;
+      before = space_->memory();
+      parked_ = true;
+    }
+    cv_.notify_all();
+    // Wait until the control thread has published the new table and rebound the IOTLB to
+    // it. It bumps the space's generation right after that, then waits for this worker's
+    // burst to end: give it that moment, then go on.
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (std::chrono::steady_clock::now() < until) {
+      auto now = space_->memory();
+      if (now != before && !space_->iotlb().lookup(Iova(0), now->generation()).stale) break;
+      std::this_thread::sleep_for(20us);
+    }
+    std::this_thread::sleep_for(2ms);
+  }
+
+  // Control side.
+  void arm() {
+    std::lock_guard lk(mu_);
+    armed_ = true;
+    parked_ = false;
+  }
+  // Returns once a worker holds popped chains (false on timeout).
+  bool wait_parked(std::chrono::milliseconds timeout) {
+    std::unique_lock lk(mu_);
+    bool ok = cv_.wait_for(lk, timeout, [&] { return parked_; });
+    armed_ = false;
+    return ok;
+  }
+
+ private:
+  AddressSpace* space_ = nullptr;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool armed_ = false;
+  bool parked_ = false;
+};
+
 // Runs one whole migration under traffic. Never throws; the outcome says what happened.
 inline RigOutcome run_migration(
     const RigConfig& cfg,
@@ -269,9 +341,14 @@ inline RigOutcome run_migration(
     if (!r.alias)
       for (std::uint64_t off = 0; off < r.size; off += 8) std::memcpy(r.host + off, &off, 8);
 
-  // Declared before the clients that answer misses from it.
+  // Declared before the clients that answer misses from it, and the workers that use it.
   Viommu viommu(cfg.lazy ? ViommuMode::lazy : ViommuMode::strict);
+  MidBurstGate gate;
   InProcessBackend source("source-echo", cfg.queues), destination("destination-echo", cfg.queues);
+  if (cfg.change_mid_burst) {
+    gate.attach(&source.server.space());
+    source.device.after_pop = [&gate](std::uint32_t) { gate.after_pop(); };
+  }
   ClientOptions co;
   co.want_features = virtio::bit(virtio::kFRingIndirectDesc) | virtio::bit(virtio::kFRingEventIdx);
   if (cfg.iommu) co.want_features |= virtio::bit(virtio::kFAccessPlatform);
@@ -315,6 +392,24 @@ inline RigOutcome run_migration(
   guest.start();
   if (!guest.wait_completed(cfg.warmup, 20s)) return fail("no traffic before the migration");
 
+  // Before a memory-table change with change_mid_burst: pauses the guest and parks a
+  // source worker between a pop and its push; after the change: resumes the guest.
+  auto hold_a_burst = [&]() -> Result<void, std::string> {
+    if (!cfg.change_mid_burst) return {};
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      guest.pause();
+      gate.arm();
+      (void)guest.offer_while_paused();  // a full ring has chains to pop already
+      if (gate.wait_parked(50ms)) return {};
+      guest.unpause();  // nothing to pop: let the guest collect completions, then again
+      std::this_thread::sleep_for(1ms);
+    }
+    return unexpected(std::string("no pop to land the memory-table change in"));
+  };
+  auto release_the_burst = [&] {
+    if (cfg.change_mid_burst) guest.unpause();
+  };
+
   MigrationOptions mo;
   mo.on_progress = std::move(on_progress);
   mo.pause_guest = [&] { guest.pause(); };
@@ -328,11 +423,16 @@ inline RigOutcome run_migration(
   const std::uint64_t at_start = guest.completed();
   for (unsigned k = 0; k < cfg.rounds; ++k) {
     if (cfg.add && k == cfg.add_at) {
+      if (auto r = hold_a_burst(); !r) return fail("add_region: " + r.error());
       if (auto r = mig.add_region(*cfg.add); !r) return fail("add_region: " + r.error());
+      release_the_burst();
       if (traffic[*cfg.add]) guest.add_slots(*cfg.add);
     }
-    if (cfg.remove && k == cfg.remove_at)
+    if (cfg.remove && k == cfg.remove_at) {
+      if (auto r = hold_a_burst(); !r) return fail("remove_region: " + r.error());
       if (auto r = mig.remove_region(*cfg.remove); !r) return fail("remove_region: " + r.error());
+      release_the_burst();
+    }
     std::this_thread::sleep_for(1ms);
     if (auto r = mig.iterate(); !r) return fail("iterate: " + r.error());
   }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,7 @@ class EchoDevice : public Device {
       return w;
     }
     w.deferred = r->deferred;
+    if (after_pop && batch.size() > 0) after_pop(q);
     std::vector<Completion> done;
     for (const DescChain& c : batch.chains()) {
       buf.resize(c.readable_len);
@@ -60,6 +62,11 @@ class EchoDevice : public Device {
     }
     return w;
   }
+
+  // Called on the queue's worker after a pop that returned chains, before they are
+  // echoed and pushed (inside the worker's burst): tests use it to make a control
+  // message land between a pop and its push. Set before the queues start.
+  std::function<void(std::uint32_t queue)> after_pop;
 
   std::atomic<std::uint64_t> chains{0};
   std::atomic<std::uint64_t> resets{0};

@@ -288,6 +288,69 @@ TEST_F(TranslateTest, SynchronizeWaitsForBurstsThatSawTheOldState) {
   ASSERT_TRUE(t.end_burst());
 }
 
+// A burst keeps the state it began with: what a worker translated early in a burst (a
+// popped chain, the ring areas) stays valid until it has completed that work, even if
+// the memory table changes meanwhile; the next burst sees the change.
+TEST_F(TranslateTest, ABurstKeepsItsStateAcrossAMemoryTableChange) {
+  space.set_iommu(true);
+  ASSERT_TRUE(space.iotlb_update(Iova(0x10000), 0x1000, Gpa(0x1000), Access::read_write));
+  ASSERT_TRUE(space.iotlb_update(Iova(0x20000), 0x1000, Gpa(0x2000), Access::read_write));
+  Translator t(space);
+  Segment s[1];
+  t.begin_burst();
+  ASSERT_TRUE(t.translate(Iova(0x10000), 8, Access::read, s));
+  const HostPtr before = s[0].host;
+  const std::uint64_t g = t.sync();
+  ASSERT_TRUE(space.remove_region(Gpa(kMiB), kMiB));  // REM_MEM_REG of B: flushes the IOTLB
+  EXPECT_EQ(t.sync(), g);
+  auto again = t.translate(Iova(0x10000), 8, Access::write, s);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(s[0].host, before);
+  // Not translated in this burst, and the IOTLB now belongs to the new table: a miss,
+  // reported, so that the front-end sends the translation again.
+  auto other = t.translate(Iova(0x20000), 8, Access::read, s);
+  ASSERT_FALSE(other);
+  EXPECT_EQ(other.error().code, TranslateErrc::iotlb_miss);
+  EXPECT_TRUE(other.error().report_miss);
+  ASSERT_TRUE(t.end_burst());
+  t.begin_burst();
+  EXPECT_NE(t.sync(), g);
+  auto flushed = t.translate(Iova(0x10000), 8, Access::read, s);
+  ASSERT_FALSE(flushed);
+  EXPECT_EQ(flushed.error().code, TranslateErrc::iotlb_miss);
+  ASSERT_TRUE(t.end_burst());
+}
+
+// Regression: a worker that went on translating after a change counted as having seen
+// it, so synchronize() returned (and REM_MEM_REG or an IOTLB invalidation was
+// acknowledged) while the worker still used translations from before the change.
+TEST_F(TranslateTest, SynchronizeWaitsForABurstThatGoesOnTranslating) {
+  space.set_iommu(true);
+  ASSERT_TRUE(space.iotlb_update(Iova(0x10000), 0x1000, Gpa(0x1000), Access::read_write));
+  enable_log();
+  Translator t(space);
+  Segment s[1];
+  t.begin_burst();
+  ASSERT_TRUE(t.translate(Iova(0x10000), 8, Access::read, s));
+  std::atomic<bool> changed{false};
+  std::atomic<bool> done{false};
+  std::thread control([&] {
+    EXPECT_TRUE(space.remove_region(Gpa(kMiB), kMiB));
+    changed = true;
+    EXPECT_TRUE(space.synchronize());
+    done = true;
+  });
+  while (!changed.load()) std::this_thread::yield();
+  EXPECT_TRUE(t.translate(Iova(0x10000), 8, Access::write, s));
+  EXPECT_TRUE(t.log_write(s[0]));
+  (void)t.sync();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(done.load());
+  ASSERT_TRUE(t.end_burst());
+  control.join();
+  EXPECT_TRUE(done.load());
+}
+
 TEST_F(TranslateTest, SynchronizeTimesOut) {
   Translator t(space);
   t.begin_burst();

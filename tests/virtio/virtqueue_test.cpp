@@ -362,6 +362,30 @@ TEST_F(QueueTest, UnmappedRingUnderIommuIsDeferred) {
   EXPECT_EQ(vq->pop(batch, 16)->popped, 1u);
 }
 
+// A ring miss met first outside pop() (the runner's set_kick_enabled() or
+// has_available() between bursts, a push()) must still be reported by the next pop():
+// the miss was recorded then, and without the report the worker would wait for the miss
+// timeout (1 s) before asking the front-end.
+TEST_F(QueueTest, RingMissMetOutsidePopIsReportedByTheNextPop) {
+  map_all_iova();
+  ASSERT_TRUE(vq->start(split_config(true, false, true)));
+  ASSERT_TRUE(vq->set_kick_enabled(true));
+  space.iotlb_flush();  // as a memory-table change or a global invalidation does
+  auto kick = vq->set_kick_enabled(true);
+  ASSERT_FALSE(kick);
+  EXPECT_EQ(kick.error().code, VirtqueueErrc::ring_unmapped);
+  EXPECT_FALSE(vq->broken());
+  auto r = vq->pop(batch, 16);
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->deferred);
+  EXPECT_EQ(r->deferred->addr, Iova(kIovaBase + kDesc));
+  EXPECT_TRUE(r->deferred->report_miss);
+  r = vq->pop(batch, 16);  // reported once
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->deferred);
+  EXPECT_FALSE(r->deferred->report_miss);
+}
+
 // Every write the device makes is logged by GPA: buffer data, used element, used index.
 TEST_F(QueueTest, LogsEveryDeviceWriteAtItsGpa) {
   enable_log();
@@ -501,6 +525,47 @@ TEST_F(QueueTest, MemoryTableChangeRemapsRings) {
   Completion done{0, 1, 0};
   ASSERT_TRUE(vq->push(std::span(&done, 1)));
   EXPECT_EQ(get<std::uint16_t>(kUsed + split::kUsedIdx), 1);  // written to the new memory
+}
+
+// Regression (the migration rig, about once in 150 migrations): with the IOMMU, a
+// memory-table change (ADD_MEM_REG) applied between a pop and its push, inside the
+// worker's burst, flushed the IOTLB; the push then met an untranslated used ring and the
+// queue broke ("ring not in guest memory") with the popped chain never completed. The
+// burst keeps its ring translations; the next burst asks for them again.
+TEST_F(QueueTest, MemoryTableChangeBetweenPopAndPushUnderIommu) {
+  map_all_iova();
+  ASSERT_TRUE(vq->start(split_config(true, false, true)));
+  desc(0, kIovaBase + kBuf, 64, kDescFNext, 1);
+  desc(1, kIovaBase + kBuf + 0x1000, 64, kDescFWrite);
+  offer(0, 0);
+  vq->begin_burst();
+  ASSERT_EQ(vq->pop(batch, 16)->popped, 1u);
+  ASSERT_TRUE(space.add_region(region(make_memfd(kRam), 0, kRam, 4 * kBase, 0x7f1000000000)));
+  std::uint8_t reply[4] = {1, 2, 3, 4};
+  ASSERT_EQ(*vq->write_chain(batch, batch[0], 0, reply), 4u);
+  Completion done{batch[0].id, batch[0].ring_descs, 4};
+  auto pushed = vq->push(std::span(&done, 1));
+  ASSERT_TRUE(pushed) << pushed.error().message();
+  ASSERT_TRUE(vq->end_burst());
+  EXPECT_FALSE(vq->broken());
+  EXPECT_EQ(vq->in_flight(), 0u);
+  EXPECT_EQ(get<std::uint16_t>(kUsed + split::kUsedIdx), 1);
+  EXPECT_EQ(g(kBuf + 0x1000)[3], 4);
+  // The next burst finds the rings untranslated: deferred, and the miss is reported.
+  desc(2, kIovaBase + kBuf + 0x2000, 64, 0);
+  offer(2, 1);
+  vq->begin_burst();
+  auto r = vq->pop(batch, 16);
+  ASSERT_TRUE(vq->end_burst());
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->deferred);
+  EXPECT_EQ(r->deferred->addr, Iova(kIovaBase + kDesc));
+  EXPECT_TRUE(r->deferred->report_miss);
+  map_all_iova();
+  batch.clear();
+  vq->begin_burst();
+  EXPECT_EQ(vq->pop(batch, 16)->popped, 1u);
+  ASSERT_TRUE(vq->end_burst());
 }
 
 // ----- packed -----
