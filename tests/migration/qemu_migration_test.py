@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""Live migration of a real QEMU guest whose network back-end is a vhostkit process.
+"""Live migration of a real QEMU guest whose device back-end is a vhostkit process.
 
 Each run starts two QEMU 7.2 (TCG, q35, qboot) processes with the tiny test guest
-(scripts/guest) and a vhost-user virtio-net device, each served by its own back-end
-process. The source back-end floods the guest's receive queue with frames that carry the
-marker "VHOSTKIT-MIGRATE" and a sequence number, so it keeps writing guest memory the
-whole time; the guest only brings its interface up (the kernel reposts receive buffers
-as it receives). The source migrates over TCP on 127.0.0.1 to a destination started with
--incoming ... -S; when the source reports "completed" and the destination has left
-"inmigrate", both save guest RAM with pmemsave and the two images are compared page by
-page. A differing page is a "lost device write" when the source's page holds a back-end
-frame (the marker) that the destination's page does not hold identically, else "other".
+(scripts/guest) and one vhost-user device, each served by its own back-end process.
+The back-end writes guest memory the whole time:
+
+- --device net (default): a virtio-net device whose source back-end (sink_backend
+  --source --marker, or vhostkit-net --mode source) fills the guest's receive buffers with
+  marked frames; the guest only brings its interface up (the kernel reposts receive
+  buffers as it receives).
+- --device blk: a virtio-blk device served by vhostkit-blk; both back-ends open the same
+  image file (shared storage), every 512-byte sector of which starts with the marker
+  "VHOSTKIT-BLKSECT" and its sector number; the guest reads the disk in a loop with
+  `dd iflag=direct` (O_DIRECT: the device writes the data straight into the reader's
+  buffer, no guest CPU copies it).
+
+The source migrates over TCP on 127.0.0.1 to a destination started with -incoming ... -S;
+when the source reports "completed" and the destination has left "inmigrate", both save
+guest RAM with pmemsave and the two images are compared page by page. A differing page is
+a "lost device write" when the source's page holds a back-end marker (a frame or a disk
+sector) that the destination's page does not hold identically, else "other".
 
 Every run must end with no differing page. With --mutation N the source back-end runs
 with VHOSTKIT_FAULT_DROP_LOG_ONE_IN=N (it drops every N-th dirty-log write) and the test
@@ -29,13 +38,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 PAGE = 4096
 RAM_KIB = 512 * 1024 + 8  # default --ram-kib: not a multiple of 256 KiB (module docstring)
-MARKER = b"VHOSTKIT-MIGRATE"
+MARKER = b"VHOSTKIT-MIGRATE"  # sink_backend --marker: marker, le64 sequence number
+NET_MARKER = b"\x88\xb5VHOSTKIT"  # vhostkit-net --mode source: ethertype, marker, le32 queue, le64 seq
+SECTOR = 512
+SECTOR_MARKER = b"VHOSTKIT-BLKSECT"  # --device blk: starts every sector, then its le64 number
 
-GUEST_SCRIPT = """#!/bin/sh
+# Both guest scripts print the device's virtio feature bits (bit 33: ACCESS_PLATFORM, the
+# device uses the vIOMMU) and then "GUEST-RX <count>" every 0.2 s.
+NET_GUEST_SCRIPT = """#!/bin/sh
+echo "GUEST-FEATURES $(cat /sys/bus/virtio/devices/virtio0/features)"
 ip link set eth0 up
 echo "GUEST-LINK-UP"
 # The back-end floods; the kernel reposts a receive buffer for each frame it takes.
@@ -44,6 +60,35 @@ while true; do
   usleep 200000
 done
 """
+
+# --device blk. "GUEST-RX" counts the sectors read so far (field 3 of /sys/block/vda/stat).
+BLK_GUEST_SCRIPT = """#!/bin/sh
+echo "GUEST-FEATURES $(cat /sys/bus/virtio/devices/virtio0/features)"
+echo "GUEST-DISK $(cat /sys/block/vda/size) sectors"
+{reader}
+while true; do
+  echo "GUEST-RX $(awk '{{print $3}}' /sys/block/vda/stat)"
+  usleep 200000
+done
+"""
+# Unpaced: one dd reads as fast as the device answers. Each dd process reads the whole disk
+# into one buffer, then the next one starts with a fresh buffer.
+BLK_READER_FLOOD = ("while true; do dd if=/dev/vda of=/dev/null bs={bs} iflag=direct 2>/dev/null "
+                    "|| {{ echo GUEST-DD-FAILED; sleep 1; }}; done &")
+# Paced: {readers} long-lived dd processes, each reading into its own buffer, each paced by
+# a pipe: dd writes the block it read into the pipe, a consumer takes one whole block every
+# {pace_us} us, and dd, blocked on the full pipe (64 KiB), reads its next block only then.
+# The readers start staggered, so the disk sees one read of {bs} every {pace_us}/{readers}
+# us, and a given buffer is rewritten only every {pace_us} us (docs/migration-qemu.md says
+# why both matter).
+BLK_READER_PACED = """i=0
+while [ $i -lt {readers} ]; do
+  (while true; do dd if=/dev/vda bs={bs} skip=$((i * {skip_blocks})) iflag=direct 2>/dev/null \
+     || {{ echo GUEST-DD-FAILED; sleep 1; }}; done) | \
+  (usleep $((i * {pace_us} / {readers})); while true; do
+     dd of=/dev/null bs={bs} count=1 iflag=fullblock 2>/dev/null; usleep {pace_us}; done) &
+  i=$((i + 1))
+done"""
 
 
 class Qmp:
@@ -138,7 +183,10 @@ class Side:
                 os.unlink(p)
         self.backend_log = open(self.backend_log_path, "w")
         self.qemu_log = open(os.path.join(self.dir, "qemu.log"), "w")
-        cmd = [args.backend, "--socket-path", self.sock] + shlex.split(args.backend_args)
+        cmd = [args.backend, "--socket-path", self.sock]
+        if args.device == "blk":
+            cmd += ["--blk-file", args.image]  # both sides: shared storage
+        cmd += shlex.split(args.backend_args)
         self.backend = subprocess.Popen(cmd, stderr=self.backend_log, stdout=subprocess.DEVNULL, env=env)
         wait_for(lambda: os.path.exists(self.sock) or self.backend.poll() is not None, 10,
                  f"the {name} back-end's socket")
@@ -150,13 +198,24 @@ class Side:
             "-serial", f"file:{self.serial}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-object", f"memory-backend-memfd,id=mem,size={args.ram_kib}K,share=on", "-numa", "node,memdev=mem",
             "-chardev", f"socket,id=vu,path={self.sock}",
-            "-netdev", "vhost-user,id=net0,chardev=vu",
         ]
-        if args.iommu:
-            qemu += ["-device", "intel-iommu,device-iotlb=on",
-                     "-device", "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on,iommu_platform=on,ats=on"]
+        if args.device == "blk":
+            dev = "vhost-user-blk-pci,chardev=vu,num-queues=1,vectors=0,disable-legacy=on"
         else:
-            qemu += ["-device", "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on"]
+            qemu += ["-netdev", "vhost-user,id=net0,chardev=vu"]
+            dev = "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on"
+        if args.iommu and args.device == "blk":
+            # Behind a PCIe root port: on q35's root bus the device is not PCI Express, has
+            # no ATS, the guest sends no device-IOTLB invalidations and the back-end would
+            # never hear of an unmap (docs/vhostkit-blk.md).
+            qemu += ["-device", "intel-iommu,intremap=off,device-iotlb=on",
+                     "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+                     "-device", dev + ",bus=rp0,iommu_platform=on,ats=on"]
+        elif args.iommu:
+            qemu += ["-device", "intel-iommu,device-iotlb=on",
+                     "-device", dev + ",iommu_platform=on,ats=on"]
+        else:
+            qemu += ["-device", dev]
         qemu += ["-kernel", os.path.join(guest_dir, "vmlinuz"), "-initrd", initrd,
                  "-append", "console=ttyS0 quiet panic=-1 no_timer_check" + (" intel_iommu=on" if args.iommu else "")]
         if incoming_port is not None:
@@ -194,9 +253,16 @@ class Side:
                 p.wait()
 
 
+def sector_marks(page):
+    """The byte offsets of the page's sectors that start with SECTOR_MARKER."""
+    return [o for o in range(0, len(page), SECTOR) if page[o:o + len(SECTOR_MARKER)] == SECTOR_MARKER]
+
+
 def classify(s, d):
-    """A differing page: 'lost device write' if the source's page holds a back-end frame
-    (marker + sequence number) that the destination's page does not hold identically."""
+    """A differing page: 'lost device write' if the source's page holds something the
+    back-end wrote that the destination's page does not hold identically: a frame of
+    sink_backend (marker + sequence number) or of vhostkit-net (ethertype 0x88b5, marker,
+    queue, sequence number), or a disk sector (marker + sector number, compared whole)."""
     lost = []
     i = s.find(MARKER)
     while i >= 0:
@@ -206,9 +272,42 @@ def classify(s, d):
             lost.append(f"@{i:#x} frame {seq_s} (destination: "
                         f"{'frame ' + str(seq_d) if seq_d is not None else 'no frame'})")
         i = s.find(MARKER, i + 1)
+    i = s.find(NET_MARKER)
+    while i >= 0:
+        # i + 2: "VHOSTKIT"; + 10: le32 queue; + 14: le64 sequence number.
+        if s[i:i + 22] != d[i:i + 22]:
+            q = int.from_bytes(s[i + 10:i + 14], "little")
+            seq_s = int.from_bytes(s[i + 14:i + 22], "little")
+            seq_d = int.from_bytes(d[i + 14:i + 22], "little") if d[i:i + 10] == NET_MARKER else None
+            lost.append(f"@{i - 12:#x} queue {q} frame {seq_s} (destination: "
+                        f"{'frame ' + str(seq_d) if seq_d is not None else 'no frame'})")
+        i = s.find(NET_MARKER, i + 1)
+    sectors = []
+    for o in sector_marks(s):
+        if s[o:o + SECTOR] != d[o:o + SECTOR]:
+            n_s = int.from_bytes(s[o + 16:o + 24], "little")
+            n_d = int.from_bytes(d[o + 16:o + 24], "little") if d[o:o + 16] == SECTOR_MARKER else None
+            sectors.append((o, n_s, n_d))
+    if sectors:
+        o, n_s, n_d = sectors[0]
+        lost.append(f"{len(sectors)} sectors, first @{o:#x} sector {n_s} (destination: "
+                    f"{'sector ' + str(n_d) if n_d is not None else 'no sector'})")
     if lost:
         return "lost device write", "; ".join(lost)
     return "other", f"{sum(1 for a, b in zip(s, d) if a != b)} bytes differ"
+
+
+def make_image(path, mib):
+    """A raw image whose every sector starts with SECTOR_MARKER and its le64 number, the
+    rest of the sector filled with that number again (so that no two sectors are alike)."""
+    sectors = mib * (1 << 20) // SECTOR
+    with open(path, "wb") as f:
+        for base in range(0, sectors, 2048):
+            chunk = bytearray()
+            for n in range(base, min(base + 2048, sectors)):
+                num = n.to_bytes(8, "little")
+                chunk += SECTOR_MARKER + num * ((SECTOR - len(SECTOR_MARKER)) // 8)
+            f.write(chunk)
 
 
 def compare(src_path, dst_path, size):
@@ -249,6 +348,7 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
         src_env["VHOSTKIT_FAULT_DROP_LOG_ONE_IN"] = str(args.mutation)
     port = free_port()
     src = dst = None
+    images = ()
     try:
         src = Side("source", args, work, guest_dir, initrd, src_env)
         dst = Side("destination", args, work, guest_dir, initrd, dst_env, incoming_port=port)
@@ -257,11 +357,16 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
             c = re.findall(r"GUEST-RX (\d+)", read_text(src.serial))
             return len(c) >= 2 and int(c[-1]) > int(c[-2]) > 0
         try:
-            wait_for(receiving, 90, "the guest to receive the back-end's frames")
+            wait_for(receiving, 90, "the guest to receive the back-end's data")
         except RuntimeError:
             print(read_text(src.serial)[-2000:])
             raise
         t_boot = time.time() - t0
+        features = re.search(r"GUEST-FEATURES ([01]+)", read_text(src.serial))
+        access_platform = bool(features) and len(features.group(1)) > 33 and features.group(1)[33] == "1"
+        if access_platform != args.iommu:
+            raise RuntimeError(f"the device {'does not use' if args.iommu else 'uses'} the vIOMMU "
+                               f"(virtio features {features.group(1) if features else None})")
         rx_before = last_rx(read_text(src.serial))
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": args.max_bandwidth,
                                                  "downtime-limit": args.downtime_ms})
@@ -279,38 +384,58 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
         t_mig = time.time() - t1
         dst_status = dst.qmp.cmd("query-status")["status"]
         rx_after = last_rx(read_text(src.serial))
-        src_img = os.path.join(work, "source.ram")
-        dst_img = os.path.join(work, "destination.ram")
-        for p in (src_img, dst_img):
+        # The two RAM images (1 GiB together) go to tmpfs unless they are to be kept: written
+        # to a disk they cost seconds of writeback per run.
+        img_dir = work if args.keep or not os.path.isdir("/dev/shm") else "/dev/shm"
+        src_img = os.path.join(img_dir, f"vhostkit-qmig-{os.getpid()}-source.ram")
+        dst_img = os.path.join(img_dir, f"vhostkit-qmig-{os.getpid()}-destination.ram")
+        images = (src_img, dst_img)
+        for p in images:
             if os.path.exists(p):
                 os.unlink(p)
+        # Both sides save at once (two QEMU processes): it halves the wait on two cores.
+        saver = threading.Thread(target=dst.qmp.cmd, args=("pmemsave",),
+                                 kwargs=dict(val=0, size=ram_bytes, filename=dst_img))
+        saver.start()
         src.qmp.cmd("pmemsave", val=0, size=ram_bytes, filename=src_img)
-        dst.qmp.cmd("pmemsave", val=0, size=ram_bytes, filename=dst_img)
+        saver.join()
         diffs = compare(src_img, dst_img, ram_bytes)
         src_log = src.stop()
         dst_log = dst.stop()
         src = dst = None
         if not args.keep:
-            os.unlink(src_img)
-            os.unlink(dst_img)
-        frames = re.search(r"chains_q0=(\d+)", src_log)
+            for p in images:
+                os.unlink(p)
+        # What the source back-end wrote: sink_backend's receive chains, vhostkit-net's
+        # receive packets, vhostkit-blk's completed reads.
+        frames = re.search(r"chains_q0=(\d+)|rx0_packets=(\d+)|exiting: reads=(\d+)", src_log)
         ram = info.get("ram", {})
         return dict(
             diffs=diffs, boot_s=t_boot, migrate_s=t_mig, total_s=time.time() - t0,
             rx_during=(rx_after - rx_before) if None not in (rx_before, rx_after) else None,
-            frames=int(frames.group(1)) if frames else None, dst_status=dst_status,
+            frames=int(next(g for g in frames.groups() if g)) if frames else None, dst_status=dst_status,
             syncs=ram.get("dirty-sync-count"), transferred=ram.get("transferred") or 0,
             downtime=info.get("downtime"), fault_on="FAULT INJECTION ON" in src_log,
-            backend_errors=[l for l in (src_log + dst_log).splitlines() if l.startswith("error:")])
+            backend_errors=[l for l in (src_log + dst_log).splitlines()
+                            if re.match(r"([\w-]+: )?error: ", l)])
     finally:
         for side in (src, dst):
             if side is not None:
                 side.kill()
+        if not args.keep:
+            for p in images:
+                if os.path.exists(p):
+                    os.unlink(p)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", required=True, help="the back-end program; it gets --socket-path PATH first")
+    ap.add_argument("--device", choices=("net", "blk"), default="net",
+                    help="net: virtio-net, the back-end injects receive frames; blk: virtio-blk "
+                         "served by vhostkit-blk, the guest reads the disk with O_DIRECT")
+    ap.add_argument("--backend", required=True,
+                    help="the back-end program; it gets --socket-path PATH first (and --blk-file "
+                         "IMAGE with --device blk)")
     ap.add_argument("--backend-args", default="--queues 2 --source --marker --big --interval-us 3000",
                     help="further arguments for the back-end, one shell-quoted string")
     ap.add_argument("--source-dir", required=True)
@@ -325,6 +450,14 @@ def main():
     ap.add_argument("--ram-kib", type=int, default=RAM_KIB,
                     help="guest RAM; a multiple of 256 KiB shows QEMU 7.2's own TCG bug")
     ap.add_argument("--keep", action="store_true", help="keep the RAM images")
+    ap.add_argument("--disk-mib", type=int, default=128, help="--device blk: the image's size")
+    ap.add_argument("--read-bs", type=int, default=1024, metavar="KIB",
+                    help="--device blk: dd's block size in the guest, KiB")
+    ap.add_argument("--readers", type=int, default=16,
+                    help="--device blk: paced dd processes in the guest, each with its own buffer")
+    ap.add_argument("--read-pace-us", type=int, default=1500000,
+                    help="--device blk: each reader reads one block every this many microseconds "
+                         "(0: one reader, as fast as the disk answers)")
     args = ap.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     args.work_dir = os.path.abspath(args.work_dir)
@@ -333,13 +466,22 @@ def main():
     subprocess.run([os.path.join(args.source_dir, "scripts/guest/build-guest.sh"), guest_dir], check=True)
     script = os.path.join(args.work_dir, "test.sh")
     with open(script, "w") as f:
-        f.write(GUEST_SCRIPT)
+        if args.device == "blk":
+            reader = (BLK_READER_PACED if args.read_pace_us else BLK_READER_FLOOD).format(
+                bs=f"{args.read_bs}k", pace_us=args.read_pace_us, readers=args.readers,
+                skip_blocks=args.disk_mib * 1024 // args.read_bs // max(1, args.readers))
+            f.write(BLK_GUEST_SCRIPT.format(reader=reader))
+        else:
+            f.write(NET_GUEST_SCRIPT)
+    if args.device == "blk":
+        args.image = os.path.join(args.work_dir, "disk.img")
+        make_image(args.image, args.disk_mib)
     initrd = os.path.join(args.work_dir, "initramfs.cpio")
     subprocess.run([os.path.join(args.source_dir, "scripts/guest/add-test.sh"),
                     os.path.join(guest_dir, "initramfs.cpio"), script, initrd], check=True)
     ram_bytes = args.ram_kib * 1024
 
-    config = ("vIOMMU" if args.iommu else "no vIOMMU") + (
+    config = args.device + ", " + ("vIOMMU" if args.iommu else "no vIOMMU") + (
         f", MUTATION: the source back-end drops 1 in {args.mutation} dirty-log writes" if args.mutation else "")
     print(f"configuration: {config}; {args.runs} runs; guest RAM {args.ram_kib} KiB; back-end "
           f"{os.path.basename(args.backend)} {args.backend_args}", flush=True)
@@ -355,11 +497,13 @@ def main():
         results.append(r)
         lost = [d for d in r["diffs"] if d[1] == "lost device write"]
         other = [d for d in r["diffs"] if d[1] == "other"]
-        print(f"run {n}: {len(r['diffs'])} pages differ ({len(lost)} lost device write, {len(other)} other); "
+        print(f"run {n}: {len(r['diffs'])} of {ram_bytes // PAGE} pages differ ({len(lost)} lost device write, {len(other)} other); "
               f"boot {r['boot_s']:.1f} s, migration {r['migrate_s']:.1f} s ({r['syncs']} dirty syncs, "
               f"{r['transferred'] >> 20} MiB, downtime {r['downtime']} ms), run {r['total_s']:.1f} s; "
-              f"guest received {r['rx_during']} frames during the migration, back-end wrote {r['frames']}; "
-              f"destination {r['dst_status']}", flush=True)
+              + (f"guest read {r['rx_during']} sectors during the migration, back-end completed {r['frames']} "
+                 f"reads; " if args.device == "blk" else
+                 f"guest received {r['rx_during']} frames during the migration, back-end wrote {r['frames']}; ")
+              + f"destination {r['dst_status']}", flush=True)
         for gpa, cls, detail in r["diffs"][:10]:
             print(f"    page {gpa:#011x}: {cls}: {detail[:300]}")
         if len(r["diffs"]) > 10:
