@@ -204,10 +204,12 @@ class Side:
         else:
             qemu += ["-netdev", "vhost-user,id=net0,chardev=vu"]
             dev = "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on"
-        if args.iommu and args.device == "blk":
+        if args.device_opts:
+            dev += "," + args.device_opts
+        if args.iommu and not args.root_bus:
             # Behind a PCIe root port: on q35's root bus the device is not PCI Express, has
             # no ATS, the guest sends no device-IOTLB invalidations and the back-end would
-            # never hear of an unmap (docs/vhostkit-blk.md).
+            # never hear of an unmap (docs/vhostkit-blk.md, docs/vhostkit-net.md).
             qemu += ["-device", "intel-iommu,intremap=off,device-iotlb=on",
                      "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
                      "-device", dev + ",bus=rp0,iommu_platform=on,ats=on"]
@@ -438,9 +440,13 @@ def main():
                          "IMAGE with --device blk)")
     ap.add_argument("--backend-args", default="--queues 2 --source --marker --big --interval-us 3000",
                     help="further arguments for the back-end, one shell-quoted string")
+    ap.add_argument("--device-opts", default="",
+                    help="more properties for QEMU's -device (e.g. mrg_rxbuf=off,host_mtu=9000)")
     ap.add_argument("--source-dir", required=True)
     ap.add_argument("--work-dir", required=True)
     ap.add_argument("--iommu", action="store_true", help="with a vIOMMU (intel-iommu, device-iotlb, ATS)")
+    ap.add_argument("--root-bus", action="store_true",
+                    help="with --iommu: the device on q35's root bus (no ATS), not behind a root port")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mutation", type=int, default=0, metavar="N",
                     help="the source back-end drops every N-th dirty-log write; every run must then "
@@ -484,7 +490,8 @@ def main():
     config = args.device + ", " + ("vIOMMU" if args.iommu else "no vIOMMU") + (
         f", MUTATION: the source back-end drops 1 in {args.mutation} dirty-log writes" if args.mutation else "")
     print(f"configuration: {config}; {args.runs} runs; guest RAM {args.ram_kib} KiB; back-end "
-          f"{os.path.basename(args.backend)} {args.backend_args}", flush=True)
+          f"{os.path.basename(args.backend)} {args.backend_args}"
+          + (f"; device options {args.device_opts}" if args.device_opts else ""), flush=True)
     failures = []
     results = []
     for n in range(1, args.runs + 1):
