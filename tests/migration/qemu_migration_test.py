@@ -75,20 +75,23 @@ done
 # into one buffer, then the next one starts with a fresh buffer.
 BLK_READER_FLOOD = ("while true; do dd if=/dev/vda of=/dev/null bs={bs} iflag=direct 2>/dev/null "
                     "|| {{ echo GUEST-DD-FAILED; sleep 1; }}; done &")
-# Paced: {readers} long-lived dd processes, each reading into its own buffer, each paced by
-# a pipe: dd writes the block it read into the pipe, a consumer takes one whole block every
-# {pace_us} us, and dd, blocked on the full pipe (64 KiB), reads its next block only then.
-# The readers start staggered, so the disk sees one read of {bs} every {pace_us}/{readers}
-# us, and a given buffer is rewritten only every {pace_us} us (docs/migration-qemu.md says
-# why both matter).
-BLK_READER_PACED = """i=0
+# Paced: {readers} long-lived dd processes, each reading into its own buffer, writing
+# nothing anywhere (of=/dev/null: no guest CPU ever copies a sector). The guest's own block
+# layer paces them: they run in a cgroup whose io.max lets {rbps} bytes a second through to
+# the disk, so a given buffer is rewritten only every {readers} reads (docs/migration-qemu.md
+# says why that matters).
+BLK_READER_PACED = """mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup \
+  && echo +io > /sys/fs/cgroup/cgroup.subtree_control && mkdir /sys/fs/cgroup/readers \
+  && echo "$(cat /sys/block/vda/dev) rbps={rbps}" > /sys/fs/cgroup/readers/io.max \
+  && echo $$ > /sys/fs/cgroup/readers/cgroup.procs || echo GUEST-THROTTLE-FAILED
+echo "GUEST-IO-MAX $(cat /sys/fs/cgroup/readers/io.max)"
+i=0
 while [ $i -lt {readers} ]; do
-  (while true; do dd if=/dev/vda bs={bs} skip=$((i * {skip_blocks})) iflag=direct 2>/dev/null \
-     || {{ echo GUEST-DD-FAILED; sleep 1; }}; done) | \
-  (usleep $((i * {pace_us} / {readers})); while true; do
-     dd of=/dev/null bs={bs} count=1 iflag=fullblock 2>/dev/null; usleep {pace_us}; done) &
+  (while true; do dd if=/dev/vda of=/dev/null bs={bs} skip=$((i * {skip_blocks})) iflag=direct 2>/dev/null \
+     || {{ echo GUEST-DD-FAILED; sleep 1; }}; done) &
   i=$((i + 1))
-done"""
+done
+echo $$ > /sys/fs/cgroup/cgroup.procs"""
 
 
 class Qmp:
@@ -364,6 +367,9 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
             print(read_text(src.serial)[-2000:])
             raise
         t_boot = time.time() - t0
+        for bad in ("GUEST-THROTTLE-FAILED", "GUEST-DD-FAILED"):
+            if bad in read_text(src.serial):
+                raise RuntimeError(f"the guest's reader failed ({bad})")
         features = re.search(r"GUEST-FEATURES ([01]+)", read_text(src.serial))
         access_platform = bool(features) and len(features.group(1)) > 33 and features.group(1)[33] == "1"
         if access_platform != args.iommu:
@@ -462,8 +468,9 @@ def main():
     ap.add_argument("--readers", type=int, default=16,
                     help="--device blk: paced dd processes in the guest, each with its own buffer")
     ap.add_argument("--read-pace-us", type=int, default=1500000,
-                    help="--device blk: each reader reads one block every this many microseconds "
-                         "(0: one reader, as fast as the disk answers)")
+                    help="--device blk: each reader reads one block about every this many "
+                         "microseconds (the guest throttles them all together to readers * "
+                         "read-bs bytes per period); 0: one reader, as fast as the disk answers")
     args = ap.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     args.work_dir = os.path.abspath(args.work_dir)
@@ -474,7 +481,8 @@ def main():
     with open(script, "w") as f:
         if args.device == "blk":
             reader = (BLK_READER_PACED if args.read_pace_us else BLK_READER_FLOOD).format(
-                bs=f"{args.read_bs}k", pace_us=args.read_pace_us, readers=args.readers,
+                bs=f"{args.read_bs}k", readers=args.readers,
+                rbps=args.read_bs * 1024 * args.readers * 1000000 // max(1, args.read_pace_us),
                 skip_blocks=args.disk_mib * 1024 // args.read_bs // max(1, args.readers))
             f.write(BLK_GUEST_SCRIPT.format(reader=reader))
         else:
