@@ -251,6 +251,23 @@ class Side:
         self.qemu_log.close()
         return read_text(self.backend_log_path)
 
+    def exit_note(self):
+        """What to add to an error: whether this side's QEMU or back-end died, and why."""
+        notes = []
+        if self.qemu is not None:
+            try:
+                self.qemu.wait(timeout=2)  # a QEMU that failed may still be on its way out
+            except subprocess.TimeoutExpired:
+                pass
+        if self.qemu is not None and self.qemu.poll() is not None:
+            self.qemu_log.flush()
+            tail = read_text(os.path.join(self.dir, "qemu.log")).strip().splitlines()[-3:]
+            notes.append(f"{self.name} QEMU exited ({self.qemu.returncode}): {' | '.join(tail)}")
+        if self.backend.poll() is not None:
+            tail = read_text(self.backend_log_path).strip().splitlines()[-2:]
+            notes.append(f"{self.name} back-end exited ({self.backend.returncode}): {' | '.join(tail)}")
+        return "; ".join(notes)
+
     def kill(self):
         for p in (self.qemu, self.backend):
             if p is not None and p.poll() is None:
@@ -426,6 +443,9 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
             downtime=info.get("downtime"), fault_on="FAULT INJECTION ON" in src_log,
             backend_errors=[l for l in (src_log + dst_log).splitlines()
                             if re.match(r"([\w-]+: )?error: ", l)])
+    except Exception as e:
+        notes = [side.exit_note() for side in (src, dst) if side is not None]
+        raise RuntimeError("; ".join([str(e)] + [n for n in notes if n])) from e
     finally:
         for side in (src, dst):
             if side is not None:
