@@ -29,7 +29,6 @@ Guest RAM is 512 MiB + 8 KiB on purpose: QEMU 7.2's TCG loses guest-CPU writes d
 migration when RAM is a multiple of 256 KiB (docs/migration-qemu.md).
 """
 import argparse
-import json
 import mmap
 import os
 import re
@@ -40,6 +39,10 @@ import subprocess
 import sys
 import threading
 import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support"))
+from qemu_guest import Guest, Qmp, console_args, device_args, machine_args, read_text, wait_for  # noqa: E402
 
 PAGE = 4096
 RAM_KIB = 512 * 1024 + 8  # default --ram-kib: not a multiple of 256 KiB (module docstring)
@@ -94,55 +97,6 @@ done
 echo $$ > /sys/fs/cgroup/cgroup.procs"""
 
 
-class Qmp:
-    """A minimal QMP client over a UNIX socket."""
-
-    def __init__(self, path, timeout=30):
-        deadline = time.time() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.time() > deadline:
-                    raise RuntimeError(f"QMP socket {path} did not open")
-                time.sleep(0.05)
-        self.sock.settimeout(120)
-        self.buf = b""
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise RuntimeError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            r = self._read()
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise RuntimeError(f"QMP {name}: {r['error']}")
-            return r.get("return")
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -151,28 +105,10 @@ def free_port():
     return port
 
 
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def read_text(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
 class Side:
     """One QEMU plus its back-end process."""
 
-    def __init__(self, name, args, work, guest_dir, initrd, env, incoming_port=None):
+    def __init__(self, name, args, work, guest, env, incoming_port=None):
         self.name = name
         self.dir = os.path.join(work, name)
         os.makedirs(self.dir, exist_ok=True)
@@ -195,13 +131,9 @@ class Side:
                  f"the {name} back-end's socket")
         if self.backend.poll() is not None:
             raise RuntimeError(f"the {name} back-end exited: {read_text(self.backend_log_path)[-2000:]}")
-        qemu = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-bios", "/usr/share/qemu/qboot.rom",
-            "-m", f"{args.ram_kib}K", "-display", "none", "-no-reboot", "-nodefaults",
-            "-serial", f"file:{self.serial}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-object", f"memory-backend-memfd,id=mem,size={args.ram_kib}K,share=on", "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=vu,path={self.sock}",
-        ]
+        qemu = (machine_args(f"{args.ram_kib}K") + console_args(self.serial)
+                + ["-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                   "-chardev", f"socket,id=vu,path={self.sock}"])
         if args.device == "blk":
             dev = "vhost-user-blk-pci,chardev=vu,num-queues=1,vectors=0,disable-legacy=on"
         else:
@@ -209,20 +141,8 @@ class Side:
             dev = "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on"
         if args.device_opts:
             dev += "," + args.device_opts
-        if args.iommu and not args.root_bus:
-            # Behind a PCIe root port: on q35's root bus the device is not PCI Express, has
-            # no ATS, the guest sends no device-IOTLB invalidations and the back-end would
-            # never hear of an unmap (docs/vhostkit-blk.md, docs/vhostkit-net.md).
-            qemu += ["-device", "intel-iommu,intremap=off,device-iotlb=on",
-                     "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
-                     "-device", dev + ",bus=rp0,iommu_platform=on,ats=on"]
-        elif args.iommu:
-            qemu += ["-device", "intel-iommu,device-iotlb=on",
-                     "-device", dev + ",iommu_platform=on,ats=on"]
-        else:
-            qemu += ["-device", dev]
-        qemu += ["-kernel", os.path.join(guest_dir, "vmlinuz"), "-initrd", initrd,
-                 "-append", "console=ttyS0 quiet panic=-1 no_timer_check" + (" intel_iommu=on" if args.iommu else "")]
+        qemu += device_args(dev, args.iommu, root_port=not args.root_bus)
+        qemu += guest.boot_args(args.iommu)
         if incoming_port is not None:
             qemu += ["-incoming", f"tcp:127.0.0.1:{incoming_port}", "-S"]
         self.qemu = subprocess.Popen(qemu, stdout=self.qemu_log, stderr=subprocess.STDOUT)
@@ -359,7 +279,7 @@ def last_rx(serial_text):
     return int(m[-1]) if m else None
 
 
-def one_run(args, n, guest_dir, initrd, ram_bytes):
+def one_run(args, n, guest, ram_bytes):
     work = os.path.join(args.work_dir, f"run{n}")
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
@@ -372,8 +292,8 @@ def one_run(args, n, guest_dir, initrd, ram_bytes):
     src = dst = None
     images = ()
     try:
-        src = Side("source", args, work, guest_dir, initrd, src_env)
-        dst = Side("destination", args, work, guest_dir, initrd, dst_env, incoming_port=port)
+        src = Side("source", args, work, guest, src_env)
+        dst = Side("destination", args, work, guest, dst_env, incoming_port=port)
 
         def receiving():  # two GUEST-RX lines, the count growing
             c = re.findall(r"GUEST-RX (\d+)", read_text(src.serial))
@@ -495,24 +415,16 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     args.work_dir = os.path.abspath(args.work_dir)
 
-    guest_dir = os.path.join(args.source_dir, "build", "guest")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/build-guest.sh"), guest_dir], check=True)
-    script = os.path.join(args.work_dir, "test.sh")
-    with open(script, "w") as f:
-        if args.device == "blk":
-            reader = (BLK_READER_PACED if args.read_pace_us else BLK_READER_FLOOD).format(
-                bs=f"{args.read_bs}k", readers=args.readers,
-                rbps=args.read_bs * 1024 * args.readers * 1000000 // max(1, args.read_pace_us),
-                skip_blocks=args.disk_mib * 1024 // args.read_bs // max(1, args.readers))
-            f.write(BLK_GUEST_SCRIPT.format(reader=reader))
-        else:
-            f.write(NET_GUEST_SCRIPT)
     if args.device == "blk":
+        reader = (BLK_READER_PACED if args.read_pace_us else BLK_READER_FLOOD).format(
+            bs=f"{args.read_bs}k", readers=args.readers,
+            rbps=args.read_bs * 1024 * args.readers * 1000000 // max(1, args.read_pace_us),
+            skip_blocks=args.disk_mib * 1024 // args.read_bs // max(1, args.readers))
+        guest = Guest(args.source_dir, args.work_dir, BLK_GUEST_SCRIPT.format(reader=reader))
         args.image = os.path.join(args.work_dir, "disk.img")
         make_image(args.image, args.disk_mib)
-    initrd = os.path.join(args.work_dir, "initramfs.cpio")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/add-test.sh"),
-                    os.path.join(guest_dir, "initramfs.cpio"), script, initrd], check=True)
+    else:
+        guest = Guest(args.source_dir, args.work_dir, NET_GUEST_SCRIPT)
     ram_bytes = args.ram_kib * 1024
 
     config = args.device + ", " + ("vIOMMU" if args.iommu else "no vIOMMU") + (
@@ -524,7 +436,7 @@ def main():
     results = []
     for n in range(1, args.runs + 1):
         try:
-            r = one_run(args, n, guest_dir, initrd, ram_bytes)
+            r = one_run(args, n, guest, ram_bytes)
         except Exception as e:  # a run that cannot complete fails the test
             print(f"run {n}: ERROR {e}", flush=True)
             failures.append(f"run {n}: {e}")
