@@ -279,6 +279,13 @@ def last_rx(serial_text):
     return int(m[-1]) if m else None
 
 
+def guest_failed(serial):
+    """Raises if the guest's script reported a failure (blk: the throttle, a dd)."""
+    for bad in ("GUEST-THROTTLE-FAILED", "GUEST-DD-FAILED"):
+        if bad in read_text(serial):
+            raise RuntimeError(f"the guest's reader failed ({bad})")
+
+
 def one_run(args, n, guest, ram_bytes):
     work = os.path.join(args.work_dir, f"run{n}")
     os.makedirs(work, exist_ok=True)
@@ -304,9 +311,7 @@ def one_run(args, n, guest, ram_bytes):
             print(read_text(src.serial)[-2000:])
             raise
         t_boot = time.time() - t0
-        for bad in ("GUEST-THROTTLE-FAILED", "GUEST-DD-FAILED"):
-            if bad in read_text(src.serial):
-                raise RuntimeError(f"the guest's reader failed ({bad})")
+        guest_failed(src.serial)
         features = re.search(r"GUEST-FEATURES ([01]+)", read_text(src.serial))
         access_platform = bool(features) and len(features.group(1)) > 33 and features.group(1)[33] == "1"
         if access_platform != args.iommu:
@@ -329,6 +334,7 @@ def one_run(args, n, guest, ram_bytes):
         t_mig = time.time() - t1
         dst_status = dst.qmp.cmd("query-status")["status"]
         rx_after = last_rx(read_text(src.serial))
+        guest_failed(src.serial)
         # The two RAM images (1 GiB together) go to tmpfs unless they are to be kept: written
         # to a disk they cost seconds of writeback per run.
         img_dir = work if args.keep or not os.path.isdir("/dev/shm") else "/dev/shm"
