@@ -477,6 +477,8 @@ def main():
     if failures:
         print("FAIL: " + "; ".join(failures))
         return 1
+    if args.device == "blk" and not args.keep:
+        os.unlink(args.image)  # kept for a look after a failure
     if args.mutation:
         counts = ", ".join(str(sum(1 for d in r["diffs"] if d[1] == "lost device write")) for r in results)
         print(f"PASS: with 1 in {args.mutation} dirty-log writes dropped, every run lost device writes "
