@@ -19,6 +19,10 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "support"))
+from qemu_guest import Guest, console_args, device_args, machine_args  # noqa: E402
+
 MIB = 1 << 20
 IMAGE_BYTES = 64 * MIB
 HOST_LINE = b"vhostkit host pattern 0123456789abcdefghijklmnopqrstuvwxyz\n"
@@ -51,15 +55,7 @@ def main():
     ap.add_argument("--queues", type=int, default=1)
     args = ap.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
-    guest_dir = os.path.join(args.source_dir, "build", "guest")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/build-guest.sh"), guest_dir],
-                   check=True)
-    script = os.path.join(args.work_dir, "test.sh")
-    with open(script, "w") as f:
-        f.write(GUEST_SCRIPT)
-    initrd = os.path.join(args.work_dir, "initramfs.cpio")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/add-test.sh"),
-                    os.path.join(guest_dir, "initramfs.cpio"), script, initrd], check=True)
+    guest = Guest(args.source_dir, args.work_dir, GUEST_SCRIPT)
 
     image = os.path.join(args.work_dir, "disk.img")
     host_a = pattern(HOST_LINE, MIB)
@@ -81,26 +77,12 @@ def main():
             return 1
         time.sleep(0.05)
 
-    qemu_cmd = [
-        "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-bios", "/usr/share/qemu/qboot.rom",
-        "-m", "256M", "-smp", str(max(1, args.queues)), "-nographic", "-no-reboot", "-nodefaults",
-        "-serial", "stdio",
-        "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-        "-chardev", f"socket,id=vu,path={sock}",
-    ]
-    dev = f"vhost-user-blk-pci,chardev=vu,vectors=0,num-queues={args.queues}"
-    if args.iommu:
-        # The device sits behind a PCIe root port: on the root bus it would not be a PCI
-        # Express device, so it would have no ATS capability, the guest would send no
-        # device-IOTLB invalidations, and QEMU (whose vhost listens only for those once
-        # device-iotlb is on) would never tell the back-end that an IOVA was unmapped.
-        qemu_cmd += ["-device", "intel-iommu,device-iotlb=on",
-                     "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
-                     "-device", dev + ",bus=rp0,disable-legacy=on,iommu_platform=on,ats=on"]
-    else:
-        qemu_cmd += ["-device", dev + ",disable-legacy=on"]
-    qemu_cmd += ["-kernel", os.path.join(guest_dir, "vmlinuz"), "-initrd", initrd,
-                 "-append", "console=ttyS0 quiet panic=-1" + (" intel_iommu=on" if args.iommu else "")]
+    qemu_cmd = machine_args("256M", smp=max(1, args.queues)) + console_args() + [
+        "-chardev", f"socket,id=vu,path={sock}"]
+    dev = f"vhost-user-blk-pci,chardev=vu,vectors=0,num-queues={args.queues},disable-legacy=on"
+    # With the vIOMMU the device sits behind a PCI Express root port (qemu_guest.py says why).
+    qemu_cmd += device_args(dev, args.iommu)
+    qemu_cmd += guest.boot_args(args.iommu)
     guest_out = ""
     for attempt in range(2):
         try:

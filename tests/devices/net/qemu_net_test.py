@@ -21,11 +21,11 @@ import sys
 import threading
 import time
 
-SIZE = 4 << 20
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "support"))
+from qemu_guest import Guest, console_args, device_args, machine_args  # noqa: E402
 
-# intel_iommu=on: the guest programs the vIOMMU (in Linux's default lazy mode).
-# no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check fails.
-IOMMU_CMDLINE = " intel_iommu=on no_timer_check"
+SIZE = 4 << 20
 
 GUEST_SCRIPT = """#!/bin/sh
 ip link set eth0 up
@@ -108,20 +108,13 @@ def main():
     SIZE = args.mib << 20
     os.makedirs(args.work_dir, exist_ok=True)
 
-    guest_dir = os.path.join(args.source_dir, "build", "guest")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/build-guest.sh"), guest_dir],
-                   check=True)
     # A subnet of our own, so that a tap another run left behind cannot take our route.
     subnet = f"10.{78 + (1 if args.iommu else 0)}.{os.getpid() % 250}"
     host_ip, guest_ip = f"{subnet}.1", f"{subnet}.2"
     tap = f"vkn{os.getpid() % 100000}"
-    script = os.path.join(args.work_dir, "test.sh")
-    with open(script, "w") as f:
-        f.write(GUEST_SCRIPT.format(guest=guest_ip, host=host_ip, blocks=SIZE // 65536,
-                                   debug="1" if os.environ.get("VHOSTKIT_GUEST_DEBUG") else ""))
-    initrd = os.path.join(args.work_dir, "initramfs.cpio")
-    subprocess.run([os.path.join(args.source_dir, "scripts/guest/add-test.sh"),
-                    os.path.join(guest_dir, "initramfs.cpio"), script, initrd], check=True)
+    guest = Guest(args.source_dir, args.work_dir,
+                  GUEST_SCRIPT.format(guest=guest_ip, host=host_ip, blocks=SIZE // 65536,
+                                      debug="1" if os.environ.get("VHOSTKIT_GUEST_DEBUG") else ""))
 
     run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
     daemon = None
@@ -141,26 +134,13 @@ def main():
                 print("vhostkit-net did not start:\n" + daemon_log.read())
                 return 1
             time.sleep(0.05)
-        qemu_cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35",
-            "-bios", "/usr/share/qemu/qboot.rom", "-m", "256M", "-nographic", "-no-reboot",
-            "-nodefaults", "-serial", "stdio",
-            "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=vu,path={sock}", "-netdev", "vhost-user,id=net0,chardev=vu",
-        ]
+        qemu_cmd = machine_args("256M") + console_args() + [
+            "-chardev", f"socket,id=vu,path={sock}", "-netdev", "vhost-user,id=net0,chardev=vu"]
         dev = "virtio-net-pci,netdev=net0,vectors=0,disable-legacy=on,mac=52:54:00:12:34:56"
         dev += os.environ.get("VHOSTKIT_QEMU_DEV_EXTRA", "")  # debugging aid
-        if args.iommu:
-            # Behind a PCI Express root port: on q35's root bus a virtio-pci device is not
-            # PCI Express, has no ATS, and the guest then sends no device-IOTLB
-            # invalidations, so the back-end would never hear of an unmap.
-            qemu_cmd += ["-device", "intel-iommu,device-iotlb=on,intremap=off",
-                         "-device", "pcie-root-port,id=rp0,chassis=1,slot=1",
-                         "-device", dev + ",bus=rp0,iommu_platform=on,ats=on"]
-        else:
-            qemu_cmd += ["-device", dev]
-        qemu_cmd += ["-kernel", os.path.join(guest_dir, "vmlinuz"), "-initrd", initrd, "-append",
-                     "console=ttyS0 quiet panic=-1 " + os.environ.get("VHOSTKIT_GUEST_CMDLINE", "") + (IOMMU_CMDLINE if args.iommu else "")]
+        # With the vIOMMU the device sits behind a PCI Express root port (qemu_guest.py says why).
+        qemu_cmd += device_args(dev, args.iommu)
+        qemu_cmd += guest.boot_args(args.iommu, os.environ.get("VHOSTKIT_GUEST_CMDLINE", ""))
         start = time.time()
         guest_log = os.path.join(args.work_dir, "guest.log")
         with open(guest_log, "wb") as gl:
