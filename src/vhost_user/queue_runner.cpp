@@ -46,7 +46,7 @@ Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const
   }
   poll_mode_ = options_.poll || !kick_.valid();
   may_sleep_ = !poll_mode_ || (kick_.valid() && options_.poll_idle.count() > 0);
-  kicks_enabled_ = true;
+  kicks_enabled_ = false;  // unknown: the ring may come from another back-end (migration)
   idle_ = false;
   last_ = Step::busy;
   device_.queue_started(index_);

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -62,6 +63,10 @@ struct Rig {
   std::vector<std::optional<VirtioDriver>> drv;
   std::vector<RingNotifiers> n;
   std::vector<Gpa> area;  // per queue: 64 out/in page pairs
+  bool event_idx = true;
+  // Before a queue starts: what to leave in its rings (a ring handed over by another
+  // back-end, as after a migration).
+  std::function<void(std::uint32_t q, VirtioDriver& d)> before_start;
 
   Rig(std::uint32_t queues, std::uint32_t per_worker, RunnerOptions runner)
       : device(queues, per_worker), server(device, options(runner)), drv(queues), n(queues) {
@@ -82,17 +87,18 @@ struct Rig {
   }
   void bring_up() {
     ClientOptions co;
-    co.want_features = virtio::bit(virtio::kFRingEventIdx);
+    co.want_features = event_idx ? virtio::bit(virtio::kFRingEventIdx) : 0;
     ASSERT_TRUE(client->negotiate(co).has_value());
     ASSERT_TRUE(client->set_mem_table(mem).has_value());
     for (std::uint32_t q = 0; q < drv.size(); ++q) {
       DriverOptions d;
       d.size = 64;
-      d.event_idx = true;
+      d.event_idx = event_idx;
       auto created = VirtioDriver::create(mem, d);
       ASSERT_TRUE(created.has_value());
       drv[q].emplace(std::move(*created));
       area.push_back(*mem.alloc(64 * 0x2000, 0x1000));
+      if (before_start) before_start(q, *drv[q]);
       start(q);
     }
   }
@@ -224,6 +230,28 @@ TEST(QueueWorker, StoppingBothQueuesEndsTheThreadAndStartingAgainWorks) {
   rig.start(0);
   rig.traffic(1, 50);
   rig.traffic(0, 50);
+}
+
+TEST(QueueWorker, AQueueThatStartsWithKicksSuppressedAsksForThemBeforeSleeping) {
+  // A ring taken over from another back-end (the destination of a migration) may say
+  // "do not kick" (split: VRING_USED_F_NO_NOTIFY): the source was busy when it stopped.
+  // The new worker must ask for kicks before it sleeps, or the driver never kicks.
+  for (bool poll : {false, true}) {
+    SCOPED_TRACE(poll ? "poll" : "sleep");
+    RunnerOptions r;
+    r.poll = poll;
+    r.poll_idle = 1ms;
+    Rig rig(2, 2, r);
+    rig.event_idx = false;
+    rig.before_start = [&](std::uint32_t, VirtioDriver& d) {
+      const std::uint8_t no_notify[2] = {1, 0};
+      ASSERT_TRUE(rig.mem.write(d.ring_ranges()[2].gpa, no_notify));  // used->flags
+    };
+    rig.bring_up();
+    std::this_thread::sleep_for(30ms);  // both queues idle, the worker asleep
+    rig.traffic(1, 20);                 // kicks only if the ring asks for them
+    rig.traffic(0, 20);
+  }
 }
 
 TEST(QueueWorker, AnIdlePollingWorkerSleepsAfterPollIdle) {

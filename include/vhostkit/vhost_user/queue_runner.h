@@ -128,7 +128,7 @@ class QueueRunner {
   std::vector<TranslateError> misses_;
   bool poll_mode_ = false;
   bool may_sleep_ = false;
-  bool kicks_enabled_ = true;  // the ring starts with kicks requested
+  bool kicks_enabled_ = false;  // we asked for kicks and consumed nothing since
   bool idle_ = false;
   Clock::time_point idle_since_{};
   Clock::time_point retry_at_{};
