@@ -26,6 +26,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -148,16 +149,24 @@ class DirtyLogBatch {
   // Records [gpa, gpa + len) as dirty; writes an evicted word to the log first.
   // REQUIRES: len > 0 (a zero length marks nothing).
   [[nodiscard]] Result<void, DirtyLogError> mark(DirtyLog& log, Gpa gpa, std::uint64_t len) {
-    // Fast path, inline: the range lies in the current word, the 256 KiB of guest
-    // memory at base_. One branch, no variable shift: d and e are the range's first
-    // and last byte relative to base_ (e < d when len is 0 or gpa + len wraps).
-    std::uint64_t d = gpa.value - base_;
-    std::uint64_t e = d + (len - 1);
-    if (((d | e) < kWordSpan) & (e >= d)) {
-      masks_[cur_] |= detail::kLogThrough.v[e >> 12] - detail::kLogBit.v[d >> 12];
-      return {};
-    }
+    if (try_mark(gpa, len)) return {};
     return mark_slow(log, gpa, len);
+  }
+
+  // The inline fast path of mark(): true (and marked) when [gpa, gpa + len) lies in one
+  // log word (256 KiB of guest memory) that holds its cache slot; false when mark()
+  // must take the slow path (nothing marked then). A few instructions, no variable
+  // shift: first and last byte, their word, one compare against the slot.
+  [[nodiscard]] bool try_mark(Gpa gpa, std::uint64_t len) {
+    const std::uint64_t first = gpa.value;
+    const std::uint64_t last = first + (len - 1);  // < first when len is 0 or it wraps
+    const std::uint64_t word = first >> kWordShift;
+    const std::size_t i = word & (kWords - 1);
+    if ((((first ^ last) >> kWordShift) == 0) & (last >= first) & (words_[i] == word)) {
+      masks_[i] |= detail::kLogThrough.v[(last >> 12) & 63] - detail::kLogBit.v[(first >> 12) & 63];
+      return true;
+    }
+    return false;
   }
 
   // Writes every cached word to the log and empties the cache. Returns the first
@@ -173,19 +182,23 @@ class DirtyLogBatch {
 
  private:
   static constexpr std::uint64_t kWordSpan = 64 * kPageSize;  // guest bytes per log word
+  static constexpr unsigned kWordShift = 18;                  // log2(kWordSpan)
+  static_assert(kWordSpan == 1ULL << kWordShift);
 
   Result<void, DirtyLogError> mark_slow(DirtyLog& log, Gpa gpa, std::uint64_t len);
   // Writes the evicted words to the log; false (and *error set) on the first failure.
   bool write_pending(DirtyLog& log, DirtyLogError* error);
 
-  // Slot i holds log word words_[i] (== i mod kWords whenever masks_[i] != 0) and its
-  // pending bits masks_[i]. cur_ is the slot marked last and base_ its word's first
-  // guest byte (words_[cur_] * kWordSpan); flush() clears the bits but keeps the words,
-  // so the next burst's marks near the current word take the fast path at once.
-  std::uint64_t words_[kWords] = {};
+  // Slot i holds log word words_[i] (always == i mod kWords; initially i itself) and its
+  // pending bits masks_[i]. flush() clears the bits but keeps the words, so the next
+  // burst's marks in the same words take the fast path at once.
+  static constexpr std::array<std::uint64_t, kWords> initial_words() {
+    std::array<std::uint64_t, kWords> w{};
+    for (std::size_t i = 0; i < kWords; ++i) w[i] = i;
+    return w;
+  }
+  std::array<std::uint64_t, kWords> words_ = initial_words();
   std::uint64_t masks_[kWords] = {};
-  std::size_t cur_ = 0;
-  std::uint64_t base_ = 0;
   // Evicted words and their bits, waiting for flush(): pend_words_[0, np_).
   std::uint64_t pend_words_[kPending] = {};
   std::uint64_t pend_masks_[kPending] = {};

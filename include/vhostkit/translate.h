@@ -190,6 +190,7 @@ class Translator {
   [[nodiscard]] Result<void, TranslateError> log_write(const Segment& seg) {
     check_generation();
     if (!state_.logging || !state_.log) return {};  // inline: free when logging is off
+    if (fast_log_ && batch_.try_mark(seg.gpa, seg.len)) return {};  // inline: a cached word
     return log_range(seg.gpa, seg.len);
   }
   // Writes batched dirty bits to the shared log.
@@ -249,6 +250,8 @@ class Translator {
   std::size_t next_victim_ = 0;
   std::size_t mru_ = 0;  // the cache entry that served the last lookup
   DirtyLogBatch batch_;
+  // Logging on, batched, and no aliases to mark too: a mark may take batch_.try_mark().
+  bool fast_log_ = false;
   std::uint64_t hits_ = 0;
   std::uint64_t misses_ = 0;
 };

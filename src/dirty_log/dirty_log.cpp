@@ -215,11 +215,9 @@ Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std
       masks_[i] = 0;
     }
     masks_[i] |= mask;
-    cur_ = i;
     if (upto == last) break;
     p = upto + 1;
   }
-  base_ = words_[cur_] * kWordSpan;
   if (failed) return unexpected(first);
   return {};
 }

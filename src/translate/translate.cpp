@@ -199,6 +199,8 @@ void Translator::refresh() {
   std::uint64_t g = space_.generation_.load(std::memory_order_acquire);
   state_ = space_.state();
   generation_ = g;
+  fast_log_ = mode_ == LogMode::batched && state_.logging && state_.log &&
+              !(state_.memory && state_.memory->has_aliases());
   for (auto& c : cache_) c = Chunk{};
   if (active_.load(std::memory_order_relaxed) != 0) active_.store(g, std::memory_order_seq_cst);
 }
@@ -323,7 +325,11 @@ Result<void, TranslateError> Translator::write(Iova addr, std::span<const std::u
     std::uint64_t off = cur - c->start;
     std::uint64_t take = std::min<std::uint64_t>(src.size() - done, c->len - off);
     std::memcpy(c->host + off, src.data() + done, take);
-    if (auto r = log_range(c->gpa + off, take); !r && logged) logged = r;
+    if (fast_log_ && batch_.try_mark(c->gpa + off, take)) {
+      // logged in a cached word
+    } else if (auto r = log_range(c->gpa + off, take); !r && logged) {
+      logged = r;
+    }
     done += take;
   }
   return logged;

@@ -282,8 +282,10 @@ TEST(QueueWorker, APollingWorkerWithoutIdleSleepKeepsPolling) {
   rig.traffic(0, 10);
   std::this_thread::sleep_for(20ms);
   const std::uint64_t before = rig.device.calls(0);
-  std::this_thread::sleep_for(100ms);
-  EXPECT_GT(rig.device.calls(0), before + 100);
+  std::this_thread::sleep_for(200ms);
+  // Unloaded, hundreds of thousands; on a loaded 2-core machine a yielding thread may get
+  // only a few slices. Asleep, it would be none.
+  EXPECT_GT(rig.device.calls(0), before + 10);
 }
 
 }  // namespace
