@@ -1,12 +1,18 @@
 // net_logging_bench: what dirty logging costs a vhostkit-net back-end in source mode.
 //   net_logging_bench --socket PATH [--rounds R] [--seconds S] [--ram-mib M]
-//                     [--queue-size N] [--iommu on|off]
+//                     [--queue-size N] [--iommu on|off] [--layout packed|scattered]
+// Works against any vhost-user net back-end (vhostkit-net --mode source, DPDK's vhost
+// PMD in testpmd txonly). Sets up both queues of pair 0; the transmit queue stays empty.
 // Drives the device's receive queue (queue 0) with the guest driver model
 // (FrontendClient + VirtioDriver) from one thread that never sleeps and asks for no
 // interrupts (a polling driver, as DPDK's virtio PMD): it keeps every free
 // receive buffer posted and collects frames as fast as the back-end fills them. Receive
-// buffers are 2 KiB, one per page, spread over the whole guest RAM in a shuffled order
-// (as vhostkit-migrate does), so the back-end's log writes hit pages all over the log.
+// buffers are 2 KiB, over the whole guest RAM, used in turn (first in, first out):
+//   scattered  one per page in a shuffled order (as vhostkit-migrate does): consecutive
+//              frames land in pages all over the log, the worst case for the back-end's
+//              log cache;
+//   packed     two per page in address order, as Linux's virtio-net carves receive
+//              buffers out of page fragments: consecutive frames share log words.
 //
 // Each round measures two phases of S seconds, logging off and logging on, in alternating
 // order (off/on, then on/off) so a drift of the shared machine hurts both the same. With
@@ -53,6 +59,7 @@ struct Args {
   std::uint64_t ram_mib = 64;
   std::uint16_t queue_size = 256;
   bool iommu = false;
+  std::string layout = "packed";
 };
 
 class Receiver {
@@ -154,11 +161,23 @@ int run(const Args& a) {
   auto drv = VirtioDriver::create(*mem, d);
   if (!drv) return fail("driver", drv.error());
   drv->disable_interrupts();  // a polling guest driver, as DPDK's virtio PMD
+  // The transmit queue of the pair too, empty: a guest sets up both, and DPDK's vhost
+  // back-end starts a net device only when the pair is ready.
+  DriverOptions td = d;
+  td.size = 64;
+  auto tx = VirtioDriver::create(*mem, td);
+  if (!tx) return fail("driver", tx.error());
   std::vector<Gpa> pages;
-  while (auto g = mem->alloc(kPageSize, kPageSize)) pages.push_back(*g);
-  std::shuffle(pages.begin(), pages.end(), std::mt19937_64(0x6c6f6767696e67ULL));
+  if (a.layout == "scattered") {
+    while (auto g = mem->alloc(kPageSize, kPageSize)) pages.push_back(*g);
+    std::shuffle(pages.begin(), pages.end(), std::mt19937_64(0x6c6f6767696e67ULL));
+  } else {
+    while (auto g = mem->alloc(kRxLen, kRxLen)) pages.push_back(*g);
+  }
   auto n = client->start_queue(0, *mem, *drv);
   if (!n) return fail("queue 0", n.error());
+  auto tn = client->start_queue(1, *mem, *tx);
+  if (!tn) return fail("queue 1", tn.error());
   if (auto r = client->driver_ok(); !r) return fail("driver_ok", r.error());
   Receiver rx(*mem, *drv, a.iommu ? &viommu : nullptr, std::move(n->kick), std::move(pages));
 
@@ -218,12 +237,15 @@ int main(int argc, char** argv) {
       a.queue_size = static_cast<std::uint16_t>(std::stoul(v));
     else if (k == "--iommu")
       a.iommu = v == "on";
+    else if (k == "--layout")
+      a.layout = v;
     else {
       std::fprintf(stderr, "net_logging_bench: unknown argument %s\n", k.c_str());
       return 2;
     }
   }
-  if (a.socket.empty() || a.rounds == 0 || a.seconds <= 0 || a.ram_mib < 8) {
+  if (a.socket.empty() || a.rounds == 0 || a.seconds <= 0 || a.ram_mib < 8 ||
+      (a.layout != "scattered" && a.layout != "packed")) {
     std::fprintf(stderr, "net_logging_bench: bad arguments (need --socket PATH)\n");
     return 2;
   }
