@@ -23,7 +23,7 @@ namespace vhostkit {
 
 namespace {
 
-constexpr std::size_t kBurst = 32;
+constexpr std::size_t kBurst = 64;
 constexpr std::size_t kHdrRoom = 12;  // every stored frame has room for a 12-byte header
 constexpr std::size_t kMaxFrame = 65535;
 constexpr unsigned kFVersion1 = 32;
