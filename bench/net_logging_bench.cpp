@@ -138,6 +138,8 @@ int run(const Args& a) {
   const std::uint64_t half = a.ram_mib * (1ULL << 20) / 2;
   auto mem = GuestMemory::create({{Gpa(kLowGpa), half}, {Gpa(kHighGpa), half}});
   if (!mem) return fail("guest memory", mem.error());
+  // Before the client: its back-end channel thread answers IOTLB misses from it.
+  Viommu viommu(ViommuMode::strict);
   std::unique_ptr<FrontendClient> client;
   for (int attempt = 0; attempt < 100 && !client; ++attempt) {
     if (auto c = FrontendClient::connect(a.socket))
@@ -152,7 +154,6 @@ int run(const Args& a) {
   if (auto r = client->negotiate(co); !r) return fail("negotiation", r.error());
   if (a.iommu && !client->iommu()) return fail("negotiation", "no VIRTIO_F_ACCESS_PLATFORM");
   if (auto r = client->set_mem_table(*mem); !r) return fail("memory table", r.error());
-  Viommu viommu(ViommuMode::strict);
   if (a.iommu) client->attach_viommu(viommu, *mem);
   DriverOptions d;
   d.size = a.queue_size;

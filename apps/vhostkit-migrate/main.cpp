@@ -184,6 +184,9 @@ int run(const Args& a) {
                  (!src_mem ? src_mem.error() : dst_mem.error()).c_str());
     return 1;
   }
+  // Before the clients: their back-end channel threads answer IOTLB misses from it until
+  // the clients are destroyed, so it must outlive them.
+  Viommu viommu(ViommuMode::strict);
   auto source = connect_retry(a.source);
   auto destination = connect_retry(a.destination);
   if (!source || !destination) {
@@ -205,7 +208,6 @@ int run(const Args& a) {
   if (co.want_gpa_addresses != source->gpa_addresses())
     return fail("source", "the requested IOTLB update form was not negotiated");
   if (auto r = source->set_mem_table(*src_mem); !r) return fail("source memory table", r.error());
-  Viommu viommu(ViommuMode::strict);
   if (use_iommu) source->attach_viommu(viommu, *src_mem);
   DriverOptions d;
   d.packed = a.packed;
