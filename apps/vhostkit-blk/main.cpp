@@ -3,7 +3,6 @@
 // --socket-path or --fd, --print-capabilities, never daemonizes, logs to stderr. See
 // docs/vhostkit-blk.md for the options and an example QEMU command line.
 #include <signal.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -12,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "listen_socket.h"
 #include "vhostkit/devices/blk.h"
 #include "vhostkit/log.h"
 #include "vhostkit/vhost_user/backend_server.h"
@@ -160,14 +160,6 @@ int main(int argc, char** argv) {
       },
       level);
 
-  if (have_fd) {
-    struct stat st {};
-    if (::fstat(listen_fd, &st) != 0 || !S_ISSOCK(st.st_mode)) {
-      std::fprintf(stderr, "vhostkit-blk: --fd %d is not an open socket\n", listen_fd);
-      return 1;
-    }
-  }
-
   // Claim the socket first, so a second daemon on the same path is refused before it
   // touches the image or says anything else.
   UniqueFd listener;
@@ -179,7 +171,12 @@ int main(int argc, char** argv) {
     }
     listener = std::move(*l);
   } else {
-    listener.reset(listen_fd);
+    auto l = daemon::adopt_listen_fd(listen_fd);
+    if (!l) {
+      std::fprintf(stderr, "vhostkit-blk: %s\n", l.error().c_str());
+      return 1;
+    }
+    listener = std::move(*l);
   }
   auto device = BlkDevice::open(blk);
   if (!device) {

@@ -3,7 +3,6 @@
 // of --socket-path and --fd, --print-capabilities, never daemonizes, logs to stderr,
 // exits 0 on SIGTERM/SIGINT after printing its counters.
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -16,8 +15,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include "listen_socket.h"
 #include "vhostkit/devices/net.h"
 #include "vhostkit/log.h"
+#include "vhostkit/version.h"
 #include "vhostkit/vhost_user/backend_server.h"
 
 namespace {
@@ -25,7 +26,7 @@ namespace {
 using namespace vhostkit;
 
 constexpr const char* kProgram = "vhostkit-net";
-constexpr const char* kVersion = "0.1.0";
+constexpr const char* kVersion = VHOSTKIT_VERSION_STRING;
 
 BackendServer* g_server = nullptr;
 std::atomic<bool> g_stopping{false};
@@ -164,11 +165,9 @@ int main(int argc, char** argv) {
     if (!l) return fail(l.error());
     listener = std::move(*l);
   } else {
-    int type = 0;
-    socklen_t len = sizeof type;
-    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM)
-      return fail(fmt::format("--fd {} is not a stream socket", fd));
-    listener.reset(fd);
+    auto l = daemon::adopt_listen_fd(fd);
+    if (!l) return fail(l.error());
+    listener = std::move(*l);
   }
 
   g_server = &server;

@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/types.h"
 #include "vhostkit/unique_fd.h"
 
@@ -49,9 +50,9 @@ enum class DirtyLogErrc {
   out_of_range,     // a write to a GPA the log does not cover
 };
 
-[[nodiscard]] const char* to_string(DirtyLogErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(DirtyLogErrc e);
 
-struct DirtyLogError {
+struct VHOSTKIT_API DirtyLogError {
   DirtyLogErrc code;
   std::uint64_t value = 0;  // offending GPA, or the needed size for too_small
   std::uint64_t limit = 0;  // the log's size in bytes / coverage in GPA
@@ -61,10 +62,10 @@ struct DirtyLogError {
 };
 
 // Drops every n-th dirty-log write in this process (0: off). For mutation tests.
-void set_fault_drop_one_in(std::uint64_t n);
-[[nodiscard]] std::uint64_t fault_dropped_writes();
+VHOSTKIT_API void set_fault_drop_one_in(std::uint64_t n);
+[[nodiscard]] VHOSTKIT_API std::uint64_t fault_dropped_writes();
 
-class DirtyLog {
+class VHOSTKIT_API DirtyLog {
  public:
   // Maps [offset, offset + size) of fd as the log. The DirtyLog owns the mapping; the
   // fd is closed once mapped.
@@ -140,7 +141,7 @@ inline constexpr LogMaskTable kLogThrough = make_log_mask_table(1);
 // come in one run at the end of a burst, after its data copies, instead of one between
 // every two copies: each locked OR waits for the stores before it to drain, and a copy
 // into a page that is not in the cache is slow to drain.
-class DirtyLogBatch {
+class VHOSTKIT_API DirtyLogBatch {
  public:
   static constexpr std::size_t kWords = 16;  // a power of two
   static constexpr std::size_t kPending = 64;

@@ -42,6 +42,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/memory.h"
 #include "vhostkit/rw_spinlock.h"
 #include "vhostkit/types.h"
@@ -57,9 +58,9 @@ enum class IotlbErrc {
   over_limit,        // one update needs more entries than the limit allows
 };
 
-[[nodiscard]] const char* to_string(IotlbErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(IotlbErrc e);
 
-struct IotlbError {
+struct VHOSTKIT_API IotlbError {
   IotlbErrc code;
   Iova iova;
   std::uint64_t size = 0;
@@ -83,7 +84,7 @@ struct IotlbLimits {
   std::chrono::nanoseconds miss_timeout = std::chrono::seconds(1);
 };
 
-class DeviceIotlb {
+class VHOSTKIT_API DeviceIotlb {
  public:
   explicit DeviceIotlb(IotlbLimits limits = {});
   ~DeviceIotlb();

@@ -13,6 +13,8 @@
 
 #include <fmt/format.h>
 
+#include "vhostkit/export.h"
+
 namespace vhostkit {
 
 enum class LogLevel { debug = 0, info = 1, warn = 2, error = 3 };
@@ -20,12 +22,12 @@ enum class LogLevel { debug = 0, info = 1, warn = 2, error = 3 };
 using LogSink = std::function<void(LogLevel, std::string_view)>;
 
 // Installs the sink (nullptr restores the default) and the minimum level passed to it.
-void set_log_sink(LogSink sink, LogLevel min_level = LogLevel::info);
+VHOSTKIT_API void set_log_sink(LogSink sink, LogLevel min_level = LogLevel::info);
 
-[[nodiscard]] bool log_enabled(LogLevel level);
-void log_line(LogLevel level, std::string_view line);
+[[nodiscard]] VHOSTKIT_API bool log_enabled(LogLevel level);
+VHOSTKIT_API void log_line(LogLevel level, std::string_view line);
 
-[[nodiscard]] const char* to_string(LogLevel level);
+[[nodiscard]] VHOSTKIT_API const char* to_string(LogLevel level);
 
 // Formats and emits a line if level is enabled.
 template <typename... Args>

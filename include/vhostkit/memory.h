@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/types.h"
 #include "vhostkit/unique_fd.h"
 
@@ -53,9 +54,9 @@ enum class MemoryErrc {
   not_mapped,        // a lookup for an address no region covers
 };
 
-[[nodiscard]] const char* to_string(MemoryErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(MemoryErrc e);
 
-struct MemoryError {
+struct VHOSTKIT_API MemoryError {
   MemoryErrc code;
   std::uint64_t addr = 0;   // the region's GPA (or the address looked up)
   std::uint64_t size = 0;   // the region's size (0 for lookups)
@@ -109,7 +110,7 @@ struct Region {
   [[nodiscard]] bool contains(Gpa a) const { return a >= gpa && a - gpa < size; }
 };
 
-class MemorySnapshot {
+class VHOSTKIT_API MemorySnapshot {
  public:
   // The regions, sorted by GPA.
   [[nodiscard]] std::span<const Region> regions() const { return regions_; }
@@ -169,7 +170,7 @@ class MemorySnapshot {
   std::uint64_t generation_ = 0;
 };
 
-class MemoryTable {
+class VHOSTKIT_API MemoryTable {
  public:
   explicit MemoryTable(MemoryLimits limits = {});
 
@@ -208,6 +209,6 @@ class MemoryTable {
 
 // Checks one spec in isolation (sizes, overflow, fd type, file size). Exposed for the
 // codec, which rejects a bad region before it touches the table.
-[[nodiscard]] Result<void, MemoryError> validate_region(const RegionSpec& spec);
+[[nodiscard]] VHOSTKIT_API Result<void, MemoryError> validate_region(const RegionSpec& spec);
 
 }  // namespace vhostkit

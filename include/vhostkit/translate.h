@@ -42,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/dirty_log.h"
 #include "vhostkit/iotlb.h"
 #include "vhostkit/memory.h"
@@ -65,9 +66,9 @@ enum class TranslateErrc {
   log_failed,         // data written, but a page could not be logged (beyond the log)
 };
 
-[[nodiscard]] const char* to_string(TranslateErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(TranslateErrc e);
 
-struct TranslateError {
+struct VHOSTKIT_API TranslateError {
   TranslateErrc code;
   Iova addr;              // the address that failed (for a miss: the missing IOVA)
   std::uint64_t len = 0;  // bytes still to translate from addr
@@ -79,7 +80,7 @@ struct TranslateError {
 
 class Translator;
 
-class AddressSpace {
+class VHOSTKIT_API AddressSpace {
  public:
   explicit AddressSpace(MemoryLimits memory_limits = {}, IotlbLimits iotlb_limits = {});
   ~AddressSpace();
@@ -148,7 +149,7 @@ class AddressSpace {
 
 enum class LogMode { immediate, batched };
 
-class Translator {
+class VHOSTKIT_API Translator {
  public:
   static constexpr std::size_t kCacheEntries = 8;
 

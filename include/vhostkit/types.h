@@ -19,6 +19,8 @@
 
 #include <tl/expected.hpp>
 
+#include "vhostkit/export.h"
+
 namespace vhostkit {
 
 template <typename T, typename E>
@@ -82,6 +84,6 @@ enum class Access : std::uint8_t { none = 0, read = 1, write = 2, read_write = 3
   return (g & n) == n;
 }
 
-[[nodiscard]] const char* to_string(Access a);
+[[nodiscard]] VHOSTKIT_API const char* to_string(Access a);
 
 }  // namespace vhostkit

@@ -40,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/translate.h"
 #include "vhostkit/types.h"
 #include "vhostkit/virtio_spec.h"
@@ -92,9 +93,9 @@ enum class VirtqueueErrc {
   log_failed,               // a ring write could not be logged
 };
 
-[[nodiscard]] const char* to_string(VirtqueueErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(VirtqueueErrc e);
 
-struct VirtqueueError {
+struct VHOSTKIT_API VirtqueueError {
   VirtqueueErrc code;
   std::uint32_t index = 0;  // descriptor or ring index concerned
   std::uint64_t addr = 0;   // address concerned, if any
@@ -155,7 +156,7 @@ struct PopResult {
   std::optional<TranslateError> deferred;
 };
 
-class Virtqueue {
+class VHOSTKIT_API Virtqueue {
  public:
   Virtqueue(AddressSpace& space, LogMode log_mode = LogMode::batched);
 

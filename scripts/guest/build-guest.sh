@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the tiny Linux guest the QEMU tests boot:
 #   <out>/vmlinuz          Debian's cloud kernel (linux-image-cloud-amd64), unpacked from its .deb
-#   <out>/initramfs.cpio   busybox-static + the virtio modules + /init
+#   <out>/initramfs.cpio   busybox-static + the virtio modules (net, blk, rng) + /init
 # A test adds its own /test.sh by appending a second cpio archive (the kernel unpacks
 # concatenated archives), see scripts/guest/add-test.sh.
 # Usage: scripts/guest/build-guest.sh [out-dir]   (default build/guest; cached)
@@ -10,10 +10,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../../build/guest}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-if [[ -s $out/vmlinuz && -s $out/initramfs.cpio ]]; then
+# The virtio modules, in dependency order. The cache is reused only if it was built with
+# this list (a guest from before a module was added is rebuilt).
+order=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover
+  net_failover virtio_net virtio_blk rng-core virtio-rng)
+if [[ -s $out/vmlinuz && -s $out/initramfs.cpio && -f $out/modules.list ]] &&
+  [[ $(cat "$out/modules.list") == "${order[*]}" ]]; then
   echo "guest: cached in $out"
   exit 0
 fi
+rm -f "$out/modules.list"
 
 need=(busybox-static cpio qemu-system-x86 qemu-utils)
 missing=()
@@ -47,9 +53,6 @@ cp /bin/busybox "$root/bin/busybox"
 for app in $("$root/bin/busybox" --list); do
   [[ -e $root/bin/$app ]] || ln -s busybox "$root/bin/$app"
 done
-# The virtio modules, in dependency order.
-order=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover
-  net_failover virtio_net virtio_blk)
 : > "$root/modules/order"
 for m in "${order[@]}"; do
   f=$(find kernel/lib/modules/"$kver" -name "$m.ko*" | head -n1)
@@ -84,4 +87,5 @@ poweroff -f
 INIT
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) > "$out/initramfs.cpio"
+echo "${order[*]}" > "$out/modules.list"
 echo "guest: kernel $kver, initramfs $(stat -c %s "$out/initramfs.cpio") bytes in $out"

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/translate.h"
 #include "vhostkit/virtqueue.h"
 
@@ -42,7 +43,7 @@ struct QueueWork {
   bool blocked = false;
 };
 
-class Device {
+class VHOSTKIT_API Device {
  public:
   virtual ~Device() = default;
 
