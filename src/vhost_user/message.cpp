@@ -6,7 +6,7 @@
 
 #include <fmt/format.h>
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 
 UserAddress user_address(std::uint64_t raw, const Negotiated& n) {
   if (n.has(ProtocolFeature::gpa_addresses)) return Gpa(raw);
@@ -386,7 +386,8 @@ Check backend_layout(const Message& m) {
   return unexpected(fail(c, m, CodecErrc::unknown_request, m.request));
 }
 
-// Requests whose reply is part of the protocol (not a REPLY_ACK).
+}  // namespace
+
 bool has_own_reply(const Message& request, const Negotiated& n) {
   using R = FrontendRequest;
   switch (request.frontend_request()) {
@@ -394,7 +395,6 @@ bool has_own_reply(const Message& request, const Negotiated& n) {
     case R::get_protocol_features:
     case R::get_vring_base:
     case R::get_queue_num:
-    case R::iotlb_msg:
     case R::get_config:
     case R::postcopy_advise:
     case R::postcopy_end:
@@ -409,6 +409,8 @@ bool has_own_reply(const Message& request, const Negotiated& n) {
     default: return false;
   }
 }
+
+namespace {
 
 Check reply_layout(const Message& reply, const Message& request, const Negotiated& n) {
   constexpr Channel c = Channel::main;
@@ -712,4 +714,4 @@ Result<ConfigSpace, CodecError> decode_config(const Message& m) {
   return out;
 }
 
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user

@@ -18,7 +18,7 @@
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/socket.h"
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 namespace {
 
 using R = FrontendRequest;
@@ -573,6 +573,14 @@ TEST(Codec, RepliesMatchTheirRequest) {
   ack.fds.push_back(eventfd());
   EXPECT_EQ(validate_reply(ack, num, n).error().code, CodecErrc::bad_fd_count);
 
+  // IOTLB_MSG follows its NEED_REPLY flag: QEMU always sets it, DPDK answers only then.
+  Message upd = make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, 0x5000, 3, 2, {}});
+  EXPECT_FALSE(has_own_reply(upd, n));
+  EXPECT_FALSE(expects_reply(upd, n));
+  upd.flags |= kFlagNeedReply;
+  ASSERT_TRUE(expects_reply(upd, n));
+  EXPECT_TRUE(validate_reply(make_ack(upd, true), upd, n).has_value());
+
   // GET_CONFIG: as long as the request, or empty for an error.
   const Message cfg = valid_request(R::get_config);
   std::vector<std::uint8_t> content(24, 7);
@@ -709,4 +717,4 @@ TEST(Codec, MalformedMessagesLeakNoFds) {
 }
 
 }  // namespace
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user
