@@ -685,14 +685,19 @@ Result<IotlbEvent, CodecError> decode_iotlb(const Message& m, Channel c, const N
   }
   IotlbMsg msg;
   std::memcpy(&msg, m.payload.data(), sizeof msg);
-  if (msg.perm > static_cast<std::uint8_t>(Access::read_write))
-    return unexpected(fail(c, m, CodecErrc::bad_value, msg.perm));
   const auto type = static_cast<IotlbType>(msg.type);
   // Updates and invalidations flow from the front-end, misses and access failures from
   // the back-end; the kernel's batch markers (5, 6) are not part of vhost-user.
   const bool ok = c == Channel::main ? (type == IotlbType::update || type == IotlbType::invalidate)
                                      : (type == IotlbType::miss || type == IotlbType::access_fail);
   if (!ok) return unexpected(fail(c, m, CodecErrc::bad_value, msg.type));
+  if (type == IotlbType::invalidate) {
+    // Only iova and size mean anything here: QEMU 7.2 leaves perm and uaddr of an
+    // invalidation uninitialised (seen: perm 0xb2), so they are ignored, not checked.
+    return IotlbEvent{type, msg.iova, msg.size, user_address(0, n), Access::none};
+  }
+  if (msg.perm > static_cast<std::uint8_t>(Access::read_write))
+    return unexpected(fail(c, m, CodecErrc::bad_value, msg.perm));
   return IotlbEvent{type, msg.iova, msg.size, user_address(msg.uaddr, n),
                     static_cast<Access>(msg.perm)};
 }

@@ -474,6 +474,13 @@ TEST(Codec, IotlbFieldValues) {
     return make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, 0, perm, type, {}});
   };
   EXPECT_TRUE(decode_iotlb(msg(0, 3), Channel::main, {}).has_value());  // invalidate
+  // QEMU 7.2 sends invalidations with an uninitialised perm and uaddr: both are ignored.
+  Message garbage = make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, ~0ULL, 0xb2, 3, {}});
+  auto inv = decode_iotlb(garbage, Channel::main, {});
+  ASSERT_TRUE(inv.has_value());
+  EXPECT_EQ(inv->type, IotlbType::invalidate);
+  EXPECT_EQ(inv->perm, Access::none);
+  EXPECT_EQ(inv->size, 0x1000u);
   EXPECT_EQ(decode_iotlb(msg(4, 2), Channel::main, {}).error().code, CodecErrc::bad_value);
   EXPECT_EQ(decode_iotlb(msg(0xff, 2), Channel::main, {}).error().code, CodecErrc::bad_value);
   for (std::uint8_t type : {0, 1, 4, 5, 6, 0xff}) {  // misses come from the back-end only
