@@ -16,6 +16,8 @@
 #include "support/echo_device.h"
 #include "vhostkit/log.h"
 #include "vhostkit/vhost_user/backend_server.h"
+#include "vhostkit/vhost_user/message.h"
+#include "vhostkit/vhost_user/socket.h"
 
 namespace {
 
@@ -71,7 +73,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       auto mode = in.take<std::uint8_t>();
       Message m;
       // Mostly known requests with their flags; sometimes anything at all.
-      m.request = (mode & 0x80) ? in.take<std::uint32_t>() : 1u + in.take<std::uint8_t>() % 40u;
+      m.request = (mode & 0x80) ? in.take<std::uint32_t>() : 1u + in.take<std::uint8_t>() % 44u;
       m.flags =
           (mode & 0x40) ? in.take<std::uint32_t>() : kVersion | ((mode & 1) ? kFlagNeedReply : 0);
       std::size_t len = in.take<std::uint8_t>();

@@ -32,7 +32,7 @@
 namespace {
 
 using namespace vhostkit;
-using namespace vhostkit::vhost_user::codec;
+using namespace vhostkit::vhost_user;
 
 constexpr std::size_t kMaxStream = 64 * 1024;  // below the socket buffer: the writer never blocks
 

@@ -9,7 +9,7 @@ packages=(
   cmake ninja-build g++ pkg-config python3 git
   clang-14 libclang-rt-14-dev llvm-14
   # libraries
-  libexpected-dev libfmt-dev libspdlog-dev libcli11-dev liburing-dev
+  libexpected-dev libfmt-dev libcli11-dev liburing-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev librapidcheck-dev libbenchmark-dev
 )

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "vhostkit/log.h"
+#include "vhostkit/vhost_user/socket.h"
 #include "vhostkit/virtio_spec.h"
 
 namespace vhostkit::frontend {
@@ -52,7 +53,7 @@ void FrontendClient::close() {
 }
 
 bool FrontendClient::gpa_addresses() const {
-  return (protocol_features_ >> protocol::kGpaAddresses) & 1;
+  return negotiated().has(ProtocolFeature::gpa_addresses);
 }
 bool FrontendClient::iommu() const {
   return (features_ >> virtio::kFAccessPlatform) & 1;
@@ -66,26 +67,34 @@ Result<void, std::string> FrontendClient::send(const Message& m) {
 
 Result<Message, std::string> FrontendClient::request_reply(Message m) {
   std::lock_guard lock(mu_);
-  Request to = m.req();
+  return exchange_locked(std::move(m));
+}
+
+Result<Message, std::string> FrontendClient::exchange_locked(Message m) {
+  const FrontendRequest to = m.frontend_request();
   if (auto w = write_message(sock_.get(), m); !w) return unexpected(w.error().message());
   auto r = read_message(sock_.get());
   if (!r) return unexpected(fmt::format("reply to {}: {}", to_string(to), r.error().message()));
-  if (auto v = validate_reply(*r, to); !v) return unexpected(v.error().message());
+  if (auto v = validate_reply(*r, m, negotiated()); !v) return unexpected(v.error().message());
   return std::move(*r);
 }
 
 Result<void, std::string> FrontendClient::request_ack_locked(Message m) {
-  bool ack = (protocol_features_ >> protocol::kReplyAck) & 1;
-  if (ack) m.flags |= kFlagNeedReply;
-  Request to = m.req();
-  if (auto w = write_message(sock_.get(), m); !w) return unexpected(w.error().message());
-  if (!ack) return {};
-  auto r = read_message(sock_.get());
-  if (!r) return unexpected(fmt::format("reply to {}: {}", to_string(to), r.error().message()));
-  if (auto v = validate_reply(*r, to); !v) return unexpected(v.error().message());
-  if (r->payload.size() != 8)
-    return unexpected(fmt::format("reply to {}: bad size", to_string(to)));
-  if (r->u64() != 0) return unexpected(fmt::format("back-end refused {}", to_string(to)));
+  // IOTLB_MSG is always acknowledged, as QEMU asks for it; anything else when REPLY_ACK
+  // was negotiated.
+  const bool ack = negotiated().has(ProtocolFeature::reply_ack) ||
+                   m.frontend_request() == FrontendRequest::iotlb_msg;
+  const FrontendRequest to = m.frontend_request();
+  if (!ack) {
+    if (auto w = write_message(sock_.get(), m); !w) return unexpected(w.error().message());
+    return {};
+  }
+  m.flags |= kFlagNeedReply;
+  auto r = exchange_locked(std::move(m));
+  if (!r) return unexpected(r.error());
+  auto v = decode_u64(*r);
+  if (!v) return unexpected(fmt::format("reply to {}: {}", to_string(to), v.error().message()));
+  if (*v != 0) return unexpected(fmt::format("back-end refused {}", to_string(to)));
   return {};
 }
 
@@ -95,75 +104,74 @@ Result<void, std::string> FrontendClient::request_ack(Message m) {
 }
 
 Result<void, std::string> FrontendClient::negotiate(const ClientOptions& options) {
-  auto f = request_reply(Message::make_empty(static_cast<std::uint32_t>(Request::get_features)));
+  auto f = request_reply(make_request(FrontendRequest::get_features));
   if (!f) return unexpected(f.error());
-  std::uint64_t offered = f->u64();
+  const std::uint64_t offered = *decode_u64(*f);  // validate_reply checked the size
   if (!((offered >> kFProtocolFeatures) & 1))
     return unexpected(std::string("back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES"));
-  auto pf = request_reply(
-      Message::make_empty(static_cast<std::uint32_t>(Request::get_protocol_features)));
+  auto pf = request_reply(make_request(FrontendRequest::get_protocol_features));
   if (!pf) return unexpected(pf.error());
-  std::uint64_t want_pf = bit(protocol::kMq) | bit(protocol::kLogShmfd) | bit(protocol::kReplyAck) |
-                          bit(protocol::kBackendReq) | bit(protocol::kConfig) |
-                          bit(protocol::kStatus) | bit(protocol::kConfigureMemSlots) |
-                          bit(protocol::kResetDevice);
-  if (options.want_gpa_addresses) want_pf |= bit(protocol::kGpaAddresses);
-  std::uint64_t chosen_pf = pf->u64() & want_pf;
-  if (auto w = send(
-          Message::make(static_cast<std::uint32_t>(Request::set_protocol_features), chosen_pf));
-      !w)
-    return w;
+  using F = ProtocolFeature;
+  std::uint64_t want_pf =
+      vhost_user::bit(F::mq) | vhost_user::bit(F::log_shmfd) | vhost_user::bit(F::reply_ack) |
+      vhost_user::bit(F::backend_req) | vhost_user::bit(F::config) | vhost_user::bit(F::status) |
+      vhost_user::bit(F::configure_mem_slots) | vhost_user::bit(F::reset_device);
+  if (options.want_gpa_addresses) want_pf |= vhost_user::bit(F::gpa_addresses);
+  const std::uint64_t chosen_pf = *decode_u64(*pf) & want_pf;
+  if (auto w = send(make_request(FrontendRequest::set_protocol_features, chosen_pf)); !w) return w;
   protocol_features_ = chosen_pf;
-  if (auto r = request_ack(Message::make_empty(static_cast<std::uint32_t>(Request::set_owner))); !r)
-    return r;
-  if ((protocol_features_ >> protocol::kBackendReq) & 1) {
+  if (auto r = request_ack(make_request(FrontendRequest::set_owner)); !r) return r;
+  if (negotiated().has(F::backend_req)) {
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
       return unexpected(fmt::format("socketpair: {}", std::strerror(errno)));
     backend_sock_.reset(sv[0]);
-    Message m = Message::make_empty(static_cast<std::uint32_t>(Request::set_backend_req_fd));
+    Message m = make_request(FrontendRequest::set_backend_req_fd);
     m.fds.emplace_back(sv[1]);
     if (auto r = request_ack(std::move(m)); !r) return r;
     backend_thread_ = std::thread([this] { backend_channel_loop(); });
   }
   features_ = offered & (options.want_features | bit(virtio::kFVersion1) | bit(kFProtocolFeatures));
-  return request_ack(Message::make(static_cast<std::uint32_t>(Request::set_features), features_));
+  return request_ack(make_request(FrontendRequest::set_features, features_));
 }
 
 Result<void, std::string> FrontendClient::set_mem_table(const GuestMemory& memory) {
-  const auto& regions = memory.regions();
-  if (regions.empty() || regions.size() > kMaxFds)
-    return unexpected(fmt::format("{} regions do not fit one SET_MEM_TABLE", regions.size()));
-  Message m = Message::make_empty(static_cast<std::uint32_t>(Request::set_mem_table));
-  MemTableHeader h{static_cast<std::uint32_t>(regions.size()), 0};
-  m.payload.resize(sizeof h + regions.size() * sizeof(MemRegion));
-  std::memcpy(m.payload.data(), &h, sizeof h);
+  return set_mem_table_regions(memory, {});
+}
+
+Result<void, std::string> FrontendClient::set_mem_table_regions(const GuestMemory& memory,
+                                                                const std::vector<bool>& plugged) {
   auto specs = memory.region_specs();
+  std::vector<MemRegion> regions;
+  std::vector<UniqueFd> fds;
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    std::uint64_t ua = gpa_addresses() ? specs[i].gpa.value : specs[i].uaddr.value;
-    MemRegion r{specs[i].gpa.value, specs[i].size, ua, specs[i].mmap_offset};
-    std::memcpy(m.payload.data() + sizeof h + i * sizeof r, &r, sizeof r);
-    m.fds.push_back(std::move(specs[i].fd));
+    if (!plugged.empty() && (i >= plugged.size() || !plugged[i])) continue;
+    regions.push_back(region_of(specs[i]));
+    fds.push_back(std::move(specs[i].fd));
   }
-  return request_ack(std::move(m));
+  if (regions.empty()) return unexpected(std::string("a memory table needs at least one region"));
+  auto m = make_mem_table(regions, std::move(fds));
+  if (!m) return unexpected(m.error().message());
+  return request_ack(std::move(*m));
+}
+
+MemRegion FrontendClient::region_of(const RegionSpec& s) const {
+  return MemRegion{s.gpa, s.size, gpa_addresses() ? s.gpa.value : s.uaddr.value, s.mmap_offset};
 }
 
 Result<void, std::string> FrontendClient::add_mem_reg(const GuestMemory& memory,
                                                       std::size_t region) {
   RegionSpec s = memory.region_spec(region);
-  std::uint64_t ua = gpa_addresses() ? s.gpa.value : s.uaddr.value;
-  Message m = Message::make(static_cast<std::uint32_t>(Request::add_mem_reg),
-                            SingleMemRegion{0, {s.gpa.value, s.size, ua, s.mmap_offset}});
-  m.fds.push_back(std::move(s.fd));
-  return request_ack(std::move(m));
+  const MemRegion r = region_of(s);
+  return request_ack(make_mem_reg(FrontendRequest::add_mem_reg, r, std::move(s.fd)));
 }
 
 Result<void, std::string> FrontendClient::rem_mem_reg(const GuestMemory& memory,
                                                       std::size_t region) {
   const GuestRegion& r = memory.regions()[region];
-  std::uint64_t ua = gpa_addresses() ? r.gpa.value : r.uaddr().value;
-  return request_ack(Message::make(static_cast<std::uint32_t>(Request::rem_mem_reg),
-                                   SingleMemRegion{0, {r.gpa.value, r.size, ua, r.file_offset}}));
+  const MemRegion desc{r.gpa, r.size, gpa_addresses() ? r.gpa.value : r.uaddr().value,
+                       r.file_offset};
+  return request_ack(make_mem_reg(FrontendRequest::rem_mem_reg, desc));
 }
 
 std::uint64_t FrontendClient::ring_address(const GuestMemory& memory, Iova device_addr,
@@ -187,55 +195,51 @@ Result<RingNotifiers, std::string> FrontendClient::start_queue(
   } else {
     base = driver.avail_idx();
   }
-  auto num = Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                           VringState{index, driver.options().size});
-  if (auto r = request_ack(std::move(num)); !r) return unexpected(r.error());
-  if (auto r = request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_base),
-                                         VringState{index, base}));
+  if (auto r = request_ack(
+          make_request(FrontendRequest::set_vring_num, VringState{index, driver.options().size}));
+      !r)
+    return unexpected(r.error());
+  if (auto r = request_ack(make_request(FrontendRequest::set_vring_base, VringState{index, base}));
       !r)
     return unexpected(r.error());
   RingAddresses a = driver.addresses();
   RingGpas g = driver.gpas();
   VringAddr va{index,
-               log_ring ? kVringFLog : 0u,
+               log_ring ? kVringFlagLog : 0u,
                ring_address(memory, a.desc, g.desc),
                ring_address(memory, a.device, g.device),
                ring_address(memory, a.driver, g.driver),
-               g.device.value};
-  if (auto r = request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_addr), va));
-      !r)
+               g.device};
+  if (auto r = request_ack(make_request(FrontendRequest::set_vring_addr, va)); !r)
     return unexpected(r.error());
   RingNotifiers n{UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
                   UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK))};
-  Message call =
-      Message::make(static_cast<std::uint32_t>(Request::set_vring_call), std::uint64_t{index});
-  call.fds.emplace_back(::dup(n.call.get()));
-  if (auto r = request_ack(std::move(call)); !r) return unexpected(r.error());
-  Message kick =
-      Message::make(static_cast<std::uint32_t>(Request::set_vring_kick), std::uint64_t{index});
-  kick.fds.emplace_back(::dup(n.kick.get()));
-  if (auto r = request_ack(std::move(kick)); !r) return unexpected(r.error());
-  if (auto r = request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_enable),
-                                         VringState{index, 1}));
+  if (auto r = request_ack(
+          make_vring_file(FrontendRequest::set_vring_call, index, UniqueFd(::dup(n.call.get()))));
+      !r)
+    return unexpected(r.error());
+  if (auto r = request_ack(
+          make_vring_file(FrontendRequest::set_vring_kick, index, UniqueFd(::dup(n.kick.get()))));
+      !r)
+    return unexpected(r.error());
+  if (auto r = request_ack(make_request(FrontendRequest::set_vring_enable, VringState{index, 1}));
       !r)
     return unexpected(r.error());
   return n;
 }
 
 Result<void, std::string> FrontendClient::driver_ok() {
-  if (!((protocol_features_ >> protocol::kStatus) & 1)) return {};
+  if (!negotiated().has(ProtocolFeature::status)) return {};
   constexpr std::uint64_t kStatusDriverOk = 1 | 2 | 8 | 4;  // ACK, DRIVER, FEATURES_OK, DRIVER_OK
-  return request_ack(
-      Message::make(static_cast<std::uint32_t>(Request::set_status), kStatusDriverOk));
+  return request_ack(make_request(FrontendRequest::set_status, kStatusDriverOk));
 }
 
 Result<std::uint32_t, std::string> FrontendClient::stop_queue(std::uint32_t index) {
-  auto r = request_reply(
-      Message::make(static_cast<std::uint32_t>(Request::get_vring_base), VringState{index, 0}));
+  auto r = request_reply(make_request(FrontendRequest::get_vring_base, VringState{index, 0}));
   if (!r) return unexpected(r.error());
-  if (r->payload.size() != sizeof(VringState))
-    return unexpected(std::string("GET_VRING_BASE reply size"));
-  return r->as<VringState>().num;
+  auto s = decode_payload<VringState>(*r);
+  if (!s) return unexpected(s.error().message());
+  return s->num;
 }
 
 Result<void, std::string> FrontendClient::enable_logging(std::uint64_t bytes,
@@ -251,18 +255,15 @@ Result<void, std::string> FrontendClient::enable_logging(std::uint64_t bytes,
     return unexpected(std::string("cannot map the log"));
   }
   log_view_ = DirtyLog::over(std::span(static_cast<std::uint8_t*>(log_map_) + offset, bytes));
-  Message m =
-      Message::make(static_cast<std::uint32_t>(Request::set_log_base), LogDesc{bytes, offset});
-  m.fds.emplace_back(::dup(log_fd_.get()));
-  auto r = request_reply(std::move(m));
+  auto r = request_reply(make_log_base(LogDesc{bytes, offset}, UniqueFd(::dup(log_fd_.get()))));
   if (!r) return unexpected(r.error());
   features_ |= bit(virtio::kVhostFLogAll);
-  return request_ack(Message::make(static_cast<std::uint32_t>(Request::set_features), features_));
+  return request_ack(make_request(FrontendRequest::set_features, features_));
 }
 
 Result<void, std::string> FrontendClient::disable_logging() {
   features_ &= ~bit(virtio::kVhostFLogAll);
-  return request_ack(Message::make(static_cast<std::uint32_t>(Request::set_features), features_));
+  return request_ack(make_request(FrontendRequest::set_features, features_));
 }
 
 void FrontendClient::attach_viommu(Viommu& iommu, const GuestMemory& memory) {
@@ -277,8 +278,13 @@ void FrontendClient::attach_viommu(Viommu& iommu, const GuestMemory& memory) {
 
 Result<void, std::string> FrontendClient::iotlb_update(const ViommuMapping& map) {
   auto send_one = [&](std::uint64_t iova, std::uint64_t len, std::uint64_t addr) {
-    IotlbMsg t{iova, len, addr, static_cast<std::uint8_t>(map.perm), kIotlbUpdate, {}};
-    return request_ack(Message::make(static_cast<std::uint32_t>(Request::iotlb_msg), t));
+    const IotlbMsg t{Iova(iova),
+                     len,
+                     addr,
+                     static_cast<std::uint8_t>(map.perm),
+                     static_cast<std::uint8_t>(IotlbType::update),
+                     {}};
+    return request_ack(make_request(FrontendRequest::iotlb_msg, t));
   };
   if (gpa_addresses()) return send_one(map.iova.value, map.len, map.gpa.value);
   // Legacy: the back-end needs our own virtual addresses, contiguous per message.
@@ -296,37 +302,39 @@ Result<void, std::string> FrontendClient::iotlb_update(const ViommuMapping& map)
 }
 
 Result<void, std::string> FrontendClient::iotlb_invalidate(Iova iova, std::uint64_t len) {
-  IotlbMsg t{iova.value, len, 0, 0, kIotlbInvalidate, {}};
-  return request_ack(Message::make(static_cast<std::uint32_t>(Request::iotlb_msg), t));
+  const IotlbMsg t{iova, len, 0, 0, static_cast<std::uint8_t>(IotlbType::invalidate), {}};
+  return request_ack(make_request(FrontendRequest::iotlb_msg, t));
 }
 
 void FrontendClient::backend_channel_loop() {
   while (!closing_.load()) {
-    auto m = read_message(backend_sock_.get());
-    if (!m) return;  // closed
-    if (m->request == static_cast<std::uint32_t>(BackendRequest::iotlb_msg) &&
-        m->payload.size() == sizeof(IotlbMsg)) {
-      auto t = m->as<IotlbMsg>();
+    auto m = read_message(backend_sock_.get(), Channel::backend);
+    if (!m) {
+      if (!m.error().recoverable()) return;  // closed
+      continue;
+    }
+    const Negotiated n = negotiated();
+    const bool valid = validate_backend_request(*m, n).has_value();
+    if (valid && m->backend_request() == BackendRequest::iotlb_msg) {
+      auto ev = decode_iotlb(*m, Channel::backend, n);
       Viommu* iommu = iommu_.load(std::memory_order_acquire);
-      if (t.type == kIotlbMiss && iommu != nullptr) {
+      if (ev && ev->type == IotlbType::miss && iommu != nullptr) {
         // Ordered against the Viommu's invalidations: an IOVA unmapped and reused
         // meanwhile is never answered with its old translation after the invalidation.
-        bool mapped = iommu->answer_miss(Iova(t.iova), [&](const ViommuMapping& map) {
+        bool mapped = iommu->answer_miss(ev->iova, [&](const ViommuMapping& map) {
           if (auto r = iotlb_update(map); r)
             misses_answered_.fetch_add(1);
           else
-            vhostkit::log(LogLevel::warn, "frontend: answering miss at {:#x}: {}", t.iova,
+            vhostkit::log(LogLevel::warn, "frontend: answering miss at {:#x}: {}", ev->iova.value,
                           r.error());
         });
         if (!mapped)
-          vhostkit::log(LogLevel::debug, "frontend: miss at unmapped IOVA {:#x} (perm {})", t.iova,
-                        t.perm);
+          vhostkit::log(LogLevel::debug, "frontend: miss at unmapped IOVA {:#x} ({})",
+                        ev->iova.value, to_string(ev->perm));
       }
     }
-    if (m->need_reply()) {
-      Message ack = Message::make(m->request, std::uint64_t{0}, kVersion | kFlagReply);
-      (void)write_message(backend_sock_.get(), ack);
-    }
+    if (expects_backend_reply(*m))
+      (void)write_message(backend_sock_.get(), make_ack(*m, valid), Channel::backend);
   }
 }
 

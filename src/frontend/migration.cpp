@@ -7,7 +7,6 @@
 
 #include <fmt/format.h>
 
-#include "vhostkit/vhost_user/wire.h"
 #include "vhostkit/virtio_spec.h"
 
 namespace vhostkit::frontend {
@@ -44,29 +43,6 @@ void GuestDirtyLog::mark(Gpa gpa, std::uint64_t len) {
 
 void GuestDirtyLog::attach(VirtioDriver& driver) {
   driver.set_write_observer([this](Gpa gpa, std::uint64_t len) { mark(gpa, len); });
-}
-
-// ---- set_mem_table_regions -----------------------------------------------------------
-
-Result<void, std::string> set_mem_table_regions(FrontendClient& client, const GuestMemory& memory,
-                                                const std::vector<bool>& plugged) {
-  using namespace vhost_user;
-  auto specs = memory.region_specs();
-  Message m = Message::make_empty(static_cast<std::uint32_t>(Request::set_mem_table));
-  std::vector<MemRegion> regions;
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    if (!plugged.empty() && (i >= plugged.size() || !plugged[i])) continue;
-    std::uint64_t ua = client.gpa_addresses() ? specs[i].gpa.value : specs[i].uaddr.value;
-    regions.push_back(MemRegion{specs[i].gpa.value, specs[i].size, ua, specs[i].mmap_offset});
-    m.fds.push_back(std::move(specs[i].fd));
-  }
-  if (regions.empty() || regions.size() > kMaxFds)
-    return unexpected(fmt::format("{} regions do not fit one SET_MEM_TABLE", regions.size()));
-  MemTableHeader h{static_cast<std::uint32_t>(regions.size()), 0};
-  m.payload.resize(sizeof h + regions.size() * sizeof(MemRegion));
-  std::memcpy(m.payload.data(), &h, sizeof h);
-  std::memcpy(m.payload.data() + sizeof h, regions.data(), regions.size() * sizeof(MemRegion));
-  return client.request_ack(std::move(m));
 }
 
 // ---- Migration -----------------------------------------------------------------------
@@ -288,7 +264,7 @@ Result<MigrationResult, std::string> Migration::finish(FrontendClient& destinati
   if (destination.features() != want)
     return unexpected(fmt::format("destination features {:#x} differ from the source's {:#x}",
                                   destination.features(), want));
-  if (auto m = set_mem_table_regions(destination, dst_, plugged_); !m)
+  if (auto m = destination.set_mem_table_regions(dst_, plugged_); !m)
     return unexpected("destination SET_MEM_TABLE: " + m.error());
   if (src_.iommu != nullptr && destination.iommu()) destination.attach_viommu(*src_.iommu, dst_);
   for (std::size_t q = 0; q < src_.queues.size(); ++q) {

@@ -7,13 +7,21 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <mutex>
+#include <optional>
+#include <variant>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "vhostkit/log.h"
+#include "vhostkit/vhost_user/message.h"
+#include "vhostkit/vhost_user/queue_runner.h"
+#include "vhostkit/vhost_user/socket.h"
 #include "vhostkit/virtio_spec.h"
 
 namespace vhostkit {
@@ -23,53 +31,156 @@ using virtio::bit;
 
 namespace {
 
-Message reply_u64(const Message& to, std::uint64_t v) {
-  return Message::make(to.request, v, kVersion | kFlagReply);
-}
-
-template <typename T>
-Message reply_of(const Message& to, const T& body) {
-  return Message::make(to.request, body, kVersion | kFlagReply);
-}
-
-// Requests whose reply is defined by the specification (REPLY_ACK adds nothing to them).
-bool has_natural_reply(Request r) {
+// Requests that change what the data path sees; a front-end must own the session first.
+bool needs_owner(FrontendRequest r) {
+  using R = FrontendRequest;
   switch (r) {
-    case Request::get_features:
-    case Request::get_protocol_features:
-    case Request::get_vring_base:
-    case Request::get_queue_num:
-    case Request::get_max_mem_slots:
-    case Request::get_config:
-    case Request::get_status:
-    case Request::set_log_base: return true;
+    case R::set_mem_table:
+    case R::add_mem_reg:
+    case R::rem_mem_reg:
+    case R::set_log_base:
+    case R::set_vring_num:
+    case R::set_vring_addr:
+    case R::set_vring_base:
+    case R::get_vring_base:
+    case R::set_vring_kick:
+    case R::set_vring_call:
+    case R::set_vring_err:
+    case R::set_vring_enable:
+    case R::iotlb_msg: return true;
     default: return false;
   }
 }
 
-// Requests that change what the data path sees; a front-end must own the session first.
-bool needs_owner(Request r) {
-  switch (r) {
-    case Request::set_mem_table:
-    case Request::add_mem_reg:
-    case Request::rem_mem_reg:
-    case Request::set_log_base:
-    case Request::set_vring_num:
-    case Request::set_vring_addr:
-    case Request::set_vring_base:
-    case Request::get_vring_base:
-    case Request::set_vring_kick:
-    case Request::set_vring_call:
-    case Request::set_vring_err:
-    case Request::set_vring_enable:
-    case Request::iotlb_msg: return true;
-    default: return false;
+// The payload of a validated request as T.
+template <WirePayload T>
+Result<T, std::string> body(const Message& m) {
+  auto v = decode_payload<T>(m);
+  if (!v) return unexpected(v.error().message());
+  return *v;
+}
+
+// The answer a request with a reply of its own gets when it failed, so that the
+// conversation stays in step: the neutral value of its reply.
+Message neutral_reply(const Message& m) {
+  switch (m.frontend_request()) {
+    case FrontendRequest::get_config: return make_empty_reply(m);
+    case FrontendRequest::get_vring_base: {
+      VringState s{};
+      if (m.payload.size() >= sizeof s) std::memcpy(&s, m.payload.data(), sizeof s);
+      return make_reply(m, VringState{s.index, 0});
+    }
+    case FrontendRequest::set_log_base: return make_empty_reply(m);
+    default: return make_u64_reply(m, 0);
   }
 }
 
 }  // namespace
 
+// The server's state. Control thread only, except where a member says otherwise.
+class BackendServer::Impl {
+ public:
+  Impl(Device& device, BackendOptions options);
+  ~Impl();
+
+  std::uint64_t offered_features() const;
+  std::uint64_t offered_protocol_features() const;
+  Result<void, std::string> run(int listen_fd);
+  void serve(UniqueFd conn);
+  void stop();
+
+  AddressSpace& space() { return *space_; }
+  std::atomic<std::uint64_t> handled{0};
+  std::atomic<std::uint64_t> rejected{0};
+
+ private:
+  struct Queue {
+    std::unique_ptr<QueueRunner> runner;
+    std::uint32_t num = 0;
+    std::optional<VringAddr> addr;
+    std::uint32_t base = 0;  // SET_VRING_BASE num
+    UniqueFd err;
+    bool enabled = true;
+    bool enable_set = false;  // SET_VRING_ENABLE received since the connection began
+  };
+  using Reply = Result<std::optional<Message>, std::string>;
+
+  // Answers a message that could not be handled (malformed, or refused by a handler):
+  // a REPLY_ACK failure when one was asked for, the neutral reply when the request has a
+  // reply of its own. False if the connection must close.
+  bool refuse(int conn, const Message& m, const std::string& why);
+  Reply handle(Message m);
+  Reply set_protocol_features(const Message& m);
+  Reply set_features(const Message& m);
+  Reply set_mem_table(Message m);
+  Reply add_mem_reg(Message m);
+  Reply rem_mem_reg(Message m);
+  Reply set_log_base(Message m);
+  Reply set_vring_num(const Message& m);
+  Reply set_vring_addr(const Message& m);
+  Reply set_vring_base(const Message& m);
+  Reply set_vring_file(Message m);
+  Reply set_vring_enable(const Message& m);
+  Reply set_backend_req_fd(Message m);
+  Reply get_config(const Message& m);
+  Reply set_config(const Message& m);
+  Reply get_vring_base(const Message& m);
+  Reply iotlb_msg(const Message& m);
+  Reply reset_device();
+  Result<Queue*, std::string> queue(std::uint32_t index);
+  Result<Iova, std::string> ring_iova(const RingAddress& a) const;
+  Result<void, std::string> start_ring(std::uint32_t index, UniqueFd kick);
+  void send_miss(std::uint32_t queue, const TranslateError& miss);
+  void broken(std::uint32_t queue, const VirtqueueError& e);
+  void reset_connection();
+  void stop_all_rings();
+  bool has(unsigned feature) const { return (negotiated_.features >> feature) & 1; }
+  bool has(ProtocolFeature f) const { return negotiated_.has(f); }
+
+  Device& device_;
+  BackendOptions options_;
+  std::unique_ptr<AddressSpace> space_;
+  std::vector<Queue> queues_;
+  UniqueFd stop_fd_;  // eventfd
+  std::atomic<bool> stopping_{false};
+
+  // Connection state.
+  bool owner_ = false;
+  Negotiated negotiated_;
+  std::uint8_t status_ = 0;
+  std::mutex backend_mu_;  // guards backend_fd_ (workers send IOTLB misses on it)
+  UniqueFd backend_fd_;
+};
+
 BackendServer::BackendServer(Device& device, BackendOptions options)
+    : impl_(std::make_unique<Impl>(device, options)) {}
+BackendServer::~BackendServer() = default;
+std::uint64_t BackendServer::offered_features() const {
+  return impl_->offered_features();
+}
+std::uint64_t BackendServer::offered_protocol_features() const {
+  return impl_->offered_protocol_features();
+}
+Result<void, std::string> BackendServer::run(int listen_fd) {
+  return impl_->run(listen_fd);
+}
+void BackendServer::serve(UniqueFd conn) {
+  impl_->serve(std::move(conn));
+}
+void BackendServer::stop() {
+  impl_->stop();
+}
+AddressSpace& BackendServer::space() {
+  return impl_->space();
+}
+std::uint64_t BackendServer::messages_handled() const {
+  return impl_->handled.load();
+}
+std::uint64_t BackendServer::messages_rejected() const {
+  return impl_->rejected.load();
+}
+
+BackendServer::Impl::Impl(Device& device, BackendOptions options)
     : device_(device),
       options_(options),
       space_(std::make_unique<AddressSpace>(MemoryLimits{options.max_mem_slots}, options.iotlb)),
@@ -83,23 +194,15 @@ BackendServer::BackendServer(Device& device, BackendOptions options)
     queues_[i].runner = std::make_unique<QueueRunner>(
         i, *space_, device_, options_.runner,
         [this](std::uint32_t q, const TranslateError& miss) { send_miss(q, miss); },
-        [this](std::uint32_t q, const VirtqueueError& e) {
-          log(LogLevel::error, "{}: queue {} broken: {}", device_.name(), q, e.message());
-          // Tell the front-end through the queue's error eventfd, if it gave one.
-          if (queues_[q].err.valid()) {
-            std::uint64_t one = 1;
-            (void)!::write(queues_[q].err.get(), &one, sizeof one);
-          }
-        },
-        worker);
+        [this](std::uint32_t q, const VirtqueueError& e) { broken(q, e); }, worker);
   }
 }
 
-BackendServer::~BackendServer() {
+BackendServer::Impl::~Impl() {
   stop_all_rings();
 }
 
-std::uint64_t BackendServer::offered_features() const {
+std::uint64_t BackendServer::Impl::offered_features() const {
   std::uint64_t f = device_.device_features() | bit(virtio::kFVersion1) | bit(kFProtocolFeatures) |
                     bit(virtio::kFRingIndirectDesc) | bit(virtio::kFRingEventIdx) |
                     bit(virtio::kVhostFLogAll);
@@ -108,12 +211,14 @@ std::uint64_t BackendServer::offered_features() const {
   return f;
 }
 
-std::uint64_t BackendServer::offered_protocol_features() const {
-  std::uint64_t f = bit(protocol::kMq) | bit(protocol::kLogShmfd) | bit(protocol::kReplyAck) |
-                    bit(protocol::kBackendReq) | bit(protocol::kStatus) |
-                    bit(protocol::kConfigureMemSlots) | bit(protocol::kResetDevice);
-  if (!device_.config().empty()) f |= bit(protocol::kConfig);
-  if (options_.offer_gpa_addresses) f |= bit(protocol::kGpaAddresses);
+std::uint64_t BackendServer::Impl::offered_protocol_features() const {
+  using F = ProtocolFeature;
+  std::uint64_t f = vhost_user::bit(F::mq) | vhost_user::bit(F::log_shmfd) |
+                    vhost_user::bit(F::reply_ack) | vhost_user::bit(F::backend_req) |
+                    vhost_user::bit(F::status) | vhost_user::bit(F::configure_mem_slots) |
+                    vhost_user::bit(F::reset_device);
+  if (!device_.config().empty()) f |= vhost_user::bit(F::config);
+  if (options_.offer_gpa_addresses) f |= vhost_user::bit(F::gpa_addresses);
   return f;
 }
 
@@ -138,13 +243,13 @@ Result<UniqueFd, std::string> BackendServer::listen_unix(const std::string& path
   return fd;
 }
 
-void BackendServer::stop() {
+void BackendServer::Impl::stop() {
   stopping_.store(true);
   std::uint64_t one = 1;
   (void)!::write(stop_fd_.get(), &one, sizeof one);
 }
 
-Result<void, std::string> BackendServer::run(int listen_fd) {
+Result<void, std::string> BackendServer::Impl::run(int listen_fd) {
   while (!stopping_.load()) {
     pollfd fds[2] = {{listen_fd, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
     int r = ::poll(fds, 2, -1);
@@ -164,7 +269,26 @@ Result<void, std::string> BackendServer::run(int listen_fd) {
   return {};
 }
 
-void BackendServer::serve(UniqueFd conn) {
+bool BackendServer::Impl::refuse(int conn, const Message& m, const std::string& why) {
+  ++rejected;
+  log(LogLevel::error, "{}: {} refused: {}", device_.name(), request_name(Channel::main, m.request),
+      why);
+  std::optional<Message> out;
+  if (has_own_reply(m, negotiated_)) {
+    out = neutral_reply(m);
+  } else if (m.need_reply()) {
+    out = make_ack(m, false);
+  }
+  if (!out) return true;
+  if (auto w = write_message(conn, *out); !w) {
+    log(LogLevel::error, "{}: reply to {}: {}", device_.name(),
+        request_name(Channel::main, m.request), w.error().message());
+    return false;
+  }
+  return true;
+}
+
+void BackendServer::Impl::serve(UniqueFd conn) {
   while (!stopping_.load()) {
     pollfd fds[2] = {{conn.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
     int pr = ::poll(fds, 2, -1);
@@ -173,44 +297,40 @@ void BackendServer::serve(UniqueFd conn) {
     if (!(fds[0].revents & (POLLIN | POLLHUP | POLLERR))) continue;
     auto m = read_message(conn.get());
     if (!m) {
-      if (m.error().code != CodecErrc::closed)
-        log(LogLevel::error, "{}: {}; closing the connection", device_.name(), m.error().message());
-      break;
-    }
-    if (auto v = validate_request(*m); !v) {
-      // The stream is still in step (the whole message was read): refuse this one.
-      ++rejected_;
-      log(LogLevel::error, "{}: rejected {}", device_.name(), v.error().message());
-      if (m->need_reply() && !has_natural_reply(m->req())) {
-        if (!write_message(conn.get(), reply_u64(*m, 1))) break;
-      } else if (has_natural_reply(m->req())) {
-        break;  // the front-end waits for a reply we cannot give: resynchronise by closing
+      const CodecError& e = m.error();
+      if (!e.recoverable()) {
+        if (e.code != CodecErrc::closed)
+          log(LogLevel::error, "{}: {}; closing the connection", device_.name(), e.message());
+        break;
       }
+      // Read whole but refused (too many or misplaced fds; they are closed already):
+      // answer from its header.
+      if (!refuse(conn.get(), Message{e.request, e.flags, {}, {}}, e.message())) break;
       continue;
     }
-    Request req = m->req();
+    if (auto v = validate_frontend_request(*m, negotiated_); !v) {
+      // The stream is still in step (the whole message was read): refuse this one.
+      if (!refuse(conn.get(), *m, v.error().message())) break;
+      continue;
+    }
+    const FrontendRequest req = m->frontend_request();
     log(LogLevel::debug, "{}: {} (flags {:#x}, {} bytes, {} fds)", device_.name(), to_string(req),
         m->flags, m->payload.size(), m->fds.size());
+    // What a refusal needs of the request once handle() has taken its fds.
+    const Message request{m->request, m->flags, m->payload, {}};
     Reply r = (needs_owner(req) && !owner_)
                   ? Reply(unexpected(std::string("front-end has not sent SET_OWNER")))
-                  : handle(*m);
-    ++handled_;
+                  : handle(std::move(*m));
+    ++handled;
     if (!r) {
-      ++rejected_;
-      log(LogLevel::error, "{}: {} failed: {}", device_.name(), to_string(req), r.error());
+      if (!refuse(conn.get(), request, r.error())) break;
+      continue;
     }
     std::optional<Message> out;
-    if (r && r->has_value()) {
+    if (r->has_value()) {
       out = std::move(**r);
-    } else if (m->need_reply() && !has_natural_reply(req)) {
-      out = reply_u64(*m, r ? 0 : 1);
-    } else if (!r && has_natural_reply(req)) {
-      // Keep the conversation in step: answer with the neutral value.
-      out = req == Request::get_config ? reply_of(*m, ConfigHeader{0, 0, 0})
-            : req == Request::get_vring_base
-                ? reply_of(*m, VringState{m->as<VringState>().index, 0})
-            : req == Request::set_log_base ? Message::make_empty(m->request, kVersion | kFlagReply)
-                                           : reply_u64(*m, 0);
+    } else if (request.need_reply() && !has_own_reply(request, negotiated_)) {
+      out = make_ack(request, true);
     }
     if (out) {
       if (auto w = write_message(conn.get(), *out); !w) {
@@ -223,12 +343,12 @@ void BackendServer::serve(UniqueFd conn) {
   reset_connection();
 }
 
-void BackendServer::stop_all_rings() {
+void BackendServer::Impl::stop_all_rings() {
   for (auto& q : queues_)
     if (q.runner) (void)q.runner->stop();
 }
 
-void BackendServer::reset_connection() {
+void BackendServer::Impl::reset_connection() {
   stop_all_rings();
   for (auto& q : queues_) {
     q.num = 0;
@@ -247,9 +367,7 @@ void BackendServer::reset_connection() {
   space_->clear_memory();
   (void)space_->synchronize();
   owner_ = false;
-  features_ = 0;
-  features_set_ = false;
-  protocol_features_ = 0;
+  negotiated_ = Negotiated{};
   status_ = 0;
   {
     std::lock_guard lock(backend_mu_);
@@ -258,147 +376,76 @@ void BackendServer::reset_connection() {
   device_.reset();
 }
 
-Result<BackendServer::Queue*, std::string> BackendServer::queue(std::uint32_t index) {
+Result<BackendServer::Impl::Queue*, std::string> BackendServer::Impl::queue(std::uint32_t index) {
   if (index >= queues_.size())
     return unexpected(
         fmt::format("queue index {} out of range (device has {})", index, queues_.size()));
   return &queues_[index];
 }
 
-BackendServer::Reply BackendServer::handle(Message& m) {
-  switch (m.req()) {
-    case Request::get_features: return reply_u64(m, offered_features());
-    case Request::set_features: return set_features(m.u64());
-    case Request::set_owner: owner_ = true; return std::nullopt;
-    case Request::reset_owner:  // deprecated: disable every ring
+BackendServer::Impl::Reply BackendServer::Impl::handle(Message m) {
+  using R = FrontendRequest;
+  switch (m.frontend_request()) {
+    case R::get_features: return make_u64_reply(m, offered_features());
+    case R::set_features: return set_features(m);
+    case R::set_owner: owner_ = true; return std::nullopt;
+    case R::reset_owner:  // deprecated: disable every ring
       stop_all_rings();
       return std::nullopt;
-    case Request::get_protocol_features: return reply_u64(m, offered_protocol_features());
-    case Request::set_protocol_features: {
-      std::uint64_t f = m.u64();
-      if (f & ~offered_protocol_features())
-        return unexpected(
-            fmt::format("protocol features {:#x} not offered", f & ~offered_protocol_features()));
-      protocol_features_ = f;
+    case R::get_protocol_features: return make_u64_reply(m, offered_protocol_features());
+    case R::set_protocol_features: return set_protocol_features(m);
+    case R::get_queue_num: return make_u64_reply(m, queues_.size());
+    case R::get_max_mem_slots: return make_u64_reply(m, options_.max_mem_slots);
+    case R::set_mem_table: return set_mem_table(std::move(m));
+    case R::add_mem_reg: return add_mem_reg(std::move(m));
+    case R::rem_mem_reg: return rem_mem_reg(std::move(m));
+    case R::set_log_base: return set_log_base(std::move(m));
+    case R::set_log_fd:  // the log eventfd is optional and unused: it closes with m
+      return std::nullopt;
+    case R::set_vring_num: return set_vring_num(m);
+    case R::set_vring_addr: return set_vring_addr(m);
+    case R::set_vring_base: return set_vring_base(m);
+    case R::get_vring_base: return get_vring_base(m);
+    case R::set_vring_kick:
+    case R::set_vring_call:
+    case R::set_vring_err: return set_vring_file(std::move(m));
+    case R::set_vring_enable: return set_vring_enable(m);
+    case R::set_backend_req_fd: return set_backend_req_fd(std::move(m));
+    case R::iotlb_msg: return iotlb_msg(m);
+    case R::get_config: return get_config(m);
+    case R::set_config: return set_config(m);
+    case R::set_status: {
+      auto v = body<std::uint64_t>(m);
+      if (!v) return unexpected(v.error());
+      status_ = static_cast<std::uint8_t>(*v);
       return std::nullopt;
     }
-    case Request::get_queue_num: return reply_u64(m, queues_.size());
-    case Request::get_max_mem_slots: return reply_u64(m, options_.max_mem_slots);
-    case Request::set_mem_table: return set_mem_table(m);
-    case Request::add_mem_reg: return add_mem_reg(m);
-    case Request::rem_mem_reg: return rem_mem_reg(m);
-    case Request::set_log_base: return set_log_base(m);
-    case Request::set_log_fd:  // the log eventfd is optional and unused: close it
-      return std::nullopt;
-    case Request::set_vring_num: {
-      auto s = m.as<VringState>();
-      auto q = queue(s.index);
-      if (!q) return unexpected(q.error());
-      if ((*q)->runner->running())
-        return unexpected(std::string("SET_VRING_NUM on a running ring"));
-      if (s.num == 0 || s.num > virtio::kMaxQueueSize)
-        return unexpected(fmt::format("queue size {} out of range", s.num));
-      (*q)->num = s.num;
-      return std::nullopt;
-    }
-    case Request::set_vring_addr: {
-      auto a = m.as<VringAddr>();
-      auto q = queue(a.index);
-      if (!q) return unexpected(q.error());
-      if ((*q)->runner->running()) {
-        const auto& old = *(*q)->addr;
-        if (old.desc != a.desc || old.used != a.used || old.avail != a.avail)
-          return unexpected(std::string("ring addresses changed while the ring runs"));
-        // Only the logging flag may change while running; logging is done at our own
-        // translation either way (docs/architecture.md, "Virtqueues").
-      }
-      (*q)->addr = a;
-      return std::nullopt;
-    }
-    case Request::set_vring_base: {
-      auto s = m.as<VringState>();
-      auto q = queue(s.index);
-      if (!q) return unexpected(q.error());
-      if ((*q)->runner->running())
-        return unexpected(std::string("SET_VRING_BASE on a running ring"));
-      (*q)->base = s.num;
-      return std::nullopt;
-    }
-    case Request::get_vring_base: return get_vring_base(m);
-    case Request::set_vring_kick: return set_vring_kick(m);
-    case Request::set_vring_call: {
-      auto q = queue(static_cast<std::uint32_t>(m.u64() & kVringIndexMask));
-      if (!q) return unexpected(q.error());
-      (*q)->runner->set_call(m.fds.empty() ? UniqueFd() : std::move(m.fds[0]));
-      return std::nullopt;
-    }
-    case Request::set_vring_err: {
-      auto q = queue(static_cast<std::uint32_t>(m.u64() & kVringIndexMask));
-      if (!q) return unexpected(q.error());
-      (*q)->err = m.fds.empty() ? UniqueFd() : std::move(m.fds[0]);
-      return std::nullopt;
-    }
-    case Request::set_vring_enable: {
-      auto s = m.as<VringState>();
-      auto q = queue(s.index);
-      if (!q) return unexpected(q.error());
-      if (s.num > 1) return unexpected(fmt::format("SET_VRING_ENABLE value {}", s.num));
-      (*q)->enabled = s.num == 1;
-      (*q)->enable_set = true;
-      (*q)->runner->set_enabled(s.num == 1);
-      return std::nullopt;
-    }
-    case Request::set_backend_req_fd: {
-      std::lock_guard lock(backend_mu_);
-      backend_fd_ = std::move(m.fds[0]);
-      {
-        // Room for a look-ahead burst of IOTLB misses (each small message costs about
-        // 1 KiB of socket memory).
-        int bytes = 4 << 20;
-        (void)::setsockopt(backend_fd_.get(), SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
-      }
-      return std::nullopt;
-    }
-    case Request::iotlb_msg: return iotlb_msg(m);
-    case Request::get_config: {
-      auto h = m.as<ConfigHeader>();
-      auto cfg = device_.config();
-      if (static_cast<std::uint64_t>(h.offset) + h.size > cfg.size())
-        return unexpected(
-            fmt::format("config read [{}, +{}) beyond {} bytes", h.offset, h.size, cfg.size()));
-      Message r = Message::make_empty(m.request, kVersion | kFlagReply);
-      r.payload.resize(sizeof(ConfigHeader) + h.size);
-      std::memcpy(r.payload.data(), &h, sizeof h);
-      std::memcpy(r.payload.data() + sizeof h, cfg.data() + h.offset, h.size);
-      return r;
-    }
-    case Request::set_config: {
-      auto h = m.as<ConfigHeader>();
-      if (!device_.set_config(h.offset, std::span(m.payload).subspan(sizeof(ConfigHeader), h.size)))
-        return unexpected(fmt::format("config write at {} of {} bytes refused", h.offset, h.size));
-      return std::nullopt;
-    }
-    case Request::set_status: status_ = static_cast<std::uint8_t>(m.u64()); return std::nullopt;
-    case Request::get_status: return reply_u64(m, status_);
-    case Request::reset_device:
-      stop_all_rings();
-      device_.reset();
-      for (auto& q : queues_) q.runner->queue().reset();
-      features_set_ = false;
-      status_ = 0;
-      return std::nullopt;
-    default: return unexpected(fmt::format("{} is not supported", to_string(m.req())));
+    case R::get_status: return make_u64_reply(m, status_);
+    case R::reset_device: return reset_device();
+    default: return unexpected(fmt::format("{} is not supported", to_string(m.frontend_request())));
   }
 }
 
-BackendServer::Reply BackendServer::set_features(std::uint64_t f) {
+BackendServer::Impl::Reply BackendServer::Impl::set_protocol_features(const Message& m) {
+  auto f = body<std::uint64_t>(m);
+  if (!f) return unexpected(f.error());
+  if (*f & ~offered_protocol_features())
+    return unexpected(
+        fmt::format("protocol features {:#x} not offered", *f & ~offered_protocol_features()));
+  negotiated_.protocol_features = *f;
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_features(const Message& m) {
+  auto fv = body<std::uint64_t>(m);
+  if (!fv) return unexpected(fv.error());
+  const std::uint64_t f = *fv;
   std::uint64_t extra = f & ~offered_features();
   if (extra != 0) return unexpected(fmt::format("features {:#x} were not offered", extra));
   bool iommu = (f >> virtio::kFAccessPlatform) & 1;
   bool log_all = (f >> virtio::kVhostFLogAll) & 1;
   bool was_logging = has(virtio::kVhostFLogAll);
-  features_ = f;
-  features_set_ = true;
+  negotiated_.features = f;
   if (space_->iommu() != iommu) space_->set_iommu(iommu);
   device_.set_features(f);
   if (log_all != was_logging) {
@@ -412,84 +459,202 @@ BackendServer::Reply BackendServer::set_features(std::uint64_t f) {
 }
 
 namespace {
-RegionSpec spec_of(const MemRegion& r, UniqueFd fd) {
+// A memory region as the memory table takes it. With GPA_ADDRESSES the region carries no
+// front-end address: the table's user address is then the GPA itself, which no lookup
+// uses (every address the front-end sends is a GPA or an IOVA).
+RegionSpec spec_of(RegionWithFd r, const Negotiated& n) {
   RegionSpec s;
-  s.fd = std::move(fd);
-  s.mmap_offset = r.mmap_offset;
-  s.size = r.size;
-  s.gpa = Gpa(r.gpa);
-  s.uaddr = Uaddr(r.uaddr);
+  s.fd = std::move(r.fd);
+  s.mmap_offset = r.region.mmap_offset;
+  s.size = r.region.size;
+  s.gpa = r.region.guest_addr;
+  const UserAddress ua = r.region.user_address(n);
+  s.uaddr =
+      std::holds_alternative<Uaddr>(ua) ? std::get<Uaddr>(ua) : Uaddr(std::get<Gpa>(ua).value);
   return s;
 }
 }  // namespace
 
-BackendServer::Reply BackendServer::set_mem_table(Message& m) {
-  auto h = m.as<MemTableHeader>();
+BackendServer::Impl::Reply BackendServer::Impl::set_mem_table(Message m) {
+  auto regions = decode_mem_table(std::move(m), negotiated_);
+  if (!regions) return unexpected(regions.error().message());
+  if (regions->empty()) return unexpected(std::string("a memory table without regions"));
   std::vector<RegionSpec> specs;
-  for (std::uint32_t i = 0; i < h.nregions; ++i)
-    specs.push_back(spec_of(m.as<MemRegion>(sizeof(MemTableHeader) + i * sizeof(MemRegion)),
-                            std::move(m.fds[i])));
+  for (auto& r : *regions) specs.push_back(spec_of(std::move(r), negotiated_));
   if (auto r = space_->set_mem_table(std::move(specs)); !r) return unexpected(r.error().message());
   if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
   return std::nullopt;
 }
 
-BackendServer::Reply BackendServer::add_mem_reg(Message& m) {
-  auto r = m.as<SingleMemRegion>().region;
-  if (auto ok = space_->add_region(spec_of(r, std::move(m.fds[0]))); !ok)
+BackendServer::Impl::Reply BackendServer::Impl::add_mem_reg(Message m) {
+  auto r = decode_mem_reg(std::move(m), negotiated_);
+  if (!r) return unexpected(r.error().message());
+  if (auto ok = space_->add_region(spec_of(std::move(*r), negotiated_)); !ok)
     return unexpected(ok.error().message());
   if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
   return std::nullopt;
 }
 
-BackendServer::Reply BackendServer::rem_mem_reg(const Message& m) {
-  auto r = m.as<SingleMemRegion>().region;
-  if (auto ok = space_->remove_region(Gpa(r.gpa), r.size); !ok)
+BackendServer::Impl::Reply BackendServer::Impl::rem_mem_reg(Message m) {
+  auto r = decode_mem_reg(std::move(m), negotiated_);
+  if (!r) return unexpected(r.error().message());
+  if (auto ok = space_->remove_region(r->region.guest_addr, r->region.size); !ok)
     return unexpected(ok.error().message());
   // After the ack the front-end may unmap the region: no worker may still use it.
   if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
   return std::nullopt;
 }
 
-BackendServer::Reply BackendServer::set_log_base(Message& m) {
-  auto d = m.as<LogDesc>();
-  auto log_map = DirtyLog::map(std::move(m.fds[0]), d.size, d.offset);
+BackendServer::Impl::Reply BackendServer::Impl::set_log_base(Message m) {
+  const Message request{m.request, m.flags, {}, {}};
+  auto d = decode_log_base(std::move(m), negotiated_);
+  if (!d) return unexpected(d.error().message());
+  auto log_map = DirtyLog::map(std::move(d->fd), d->log.size, d->log.offset);
   if (!log_map) return unexpected(log_map.error().message());
   if (auto r = space_->set_log(*log_map); !r) return unexpected(r.error().message());
   if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
-  log(LogLevel::info, "{}: dirty log of {} bytes (covers {:#x})", device_.name(), d.size,
+  log(LogLevel::info, "{}: dirty log of {} bytes (covers {:#x})", device_.name(), d->log.size,
       (*log_map)->covered_end().value);
   // The reply to SET_LOG_BASE (LOG_SHMFD) carries no payload.
-  return Message::make_empty(m.request, kVersion | kFlagReply);
+  return make_empty_reply(request);
 }
 
-Result<void, std::string> BackendServer::start_ring(std::uint32_t index, UniqueFd kick) {
+BackendServer::Impl::Reply BackendServer::Impl::set_vring_num(const Message& m) {
+  auto s = body<VringState>(m);
+  if (!s) return unexpected(s.error());
+  auto q = queue(s->index);
+  if (!q) return unexpected(q.error());
+  if ((*q)->runner->running()) return unexpected(std::string("SET_VRING_NUM on a running ring"));
+  if (s->num == 0 || s->num > virtio::kMaxQueueSize)
+    return unexpected(fmt::format("queue size {} out of range", s->num));
+  (*q)->num = s->num;
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_vring_addr(const Message& m) {
+  auto a = body<VringAddr>(m);
+  if (!a) return unexpected(a.error());
+  auto q = queue(a->index);
+  if (!q) return unexpected(q.error());
+  if ((*q)->runner->running()) {
+    const auto& old = *(*q)->addr;
+    if (old.desc != a->desc || old.used != a->used || old.avail != a->avail)
+      return unexpected(std::string("ring addresses changed while the ring runs"));
+    // Only the logging flag may change while running; logging is done at our own
+    // translation either way (docs/architecture.md, "Virtqueues").
+  }
+  (*q)->addr = *a;
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_vring_base(const Message& m) {
+  auto s = body<VringState>(m);
+  if (!s) return unexpected(s.error());
+  auto q = queue(s->index);
+  if (!q) return unexpected(q.error());
+  if ((*q)->runner->running()) return unexpected(std::string("SET_VRING_BASE on a running ring"));
+  (*q)->base = s->num;
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_vring_file(Message m) {
+  const FrontendRequest req = m.frontend_request();
+  auto f = decode_vring_file(std::move(m), negotiated_);
+  if (!f) return unexpected(f.error().message());
+  auto q = queue(f->index);
+  if (!q) return unexpected(q.error());
+  switch (req) {
+    case FrontendRequest::set_vring_kick: {
+      if ((*q)->runner->running()) (void)(*q)->runner->stop();
+      if (auto r = start_ring(f->index, std::move(f->fd)); !r) return unexpected(r.error());
+      return std::nullopt;
+    }
+    case FrontendRequest::set_vring_call: (*q)->runner->set_call(std::move(f->fd)); break;
+    default: (*q)->err = std::move(f->fd); break;
+  }
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_vring_enable(const Message& m) {
+  auto s = body<VringState>(m);
+  if (!s) return unexpected(s.error());
+  auto q = queue(s->index);
+  if (!q) return unexpected(q.error());
+  if (s->num > 1) return unexpected(fmt::format("SET_VRING_ENABLE value {}", s->num));
+  (*q)->enabled = s->num == 1;
+  (*q)->enable_set = true;
+  (*q)->runner->set_enabled(s->num == 1);
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_backend_req_fd(Message m) {
+  std::lock_guard lock(backend_mu_);
+  backend_fd_ = std::move(m.fds[0]);
+  // Room for a look-ahead burst of IOTLB misses (each small message costs about 1 KiB of
+  // socket memory).
+  int bytes = 4 << 20;
+  (void)::setsockopt(backend_fd_.get(), SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::get_config(const Message& m) {
+  auto c = decode_config(m);
+  if (!c) return unexpected(c.error().message());
+  auto cfg = device_.config();
+  if (static_cast<std::uint64_t>(c->offset) + c->size > cfg.size())
+    return unexpected(
+        fmt::format("config read [{}, +{}) beyond {} bytes", c->offset, c->size, cfg.size()));
+  auto r = make_config_reply(m, std::span(cfg).subspan(c->offset, c->size));
+  if (!r) return unexpected(r.error().message());
+  return std::move(*r);
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_config(const Message& m) {
+  auto c = decode_config(m);
+  if (!c) return unexpected(c.error().message());
+  if (!device_.set_config(c->offset, c->bytes()))
+    return unexpected(fmt::format("config write at {} of {} bytes refused", c->offset, c->size));
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::reset_device() {
+  stop_all_rings();
+  device_.reset();
+  for (auto& q : queues_) q.runner->queue().reset();
+  status_ = 0;
+  return std::nullopt;
+}
+
+Result<Iova, std::string> BackendServer::Impl::ring_iova(const RingAddress& a) const {
+  // IOVAs with the IOMMU; GPAs (IOVA == GPA without it) with GPA_ADDRESSES; otherwise the
+  // front-end's own virtual addresses, which we turn into GPAs through our memory table.
+  if (const auto* iova = std::get_if<Iova>(&a)) return *iova;
+  if (const auto* gpa = std::get_if<Gpa>(&a)) return Iova(gpa->value);
+  const Uaddr ua = std::get<Uaddr>(a);
+  auto g = space_->memory()->uaddr_to_gpa(ua);
+  if (!g) return unexpected(fmt::format("ring address {:#x} is not in guest memory", ua.value));
+  return Iova(g->gpa.value);
+}
+
+Result<void, std::string> BackendServer::Impl::start_ring(std::uint32_t index, UniqueFd kick) {
   Queue& q = queues_[index];
   if (q.num == 0 || !q.addr)
     return unexpected(fmt::format("queue {} started before SET_VRING_NUM/ADDR", index));
   QueueConfig c;
   c.format = has(virtio::kFRingPacked) ? RingFormat::packed : RingFormat::split;
-  c.size = static_cast<std::uint16_t>(q.num == virtio::kMaxQueueSize ? 0 : q.num);
   if (q.num == virtio::kMaxQueueSize)
     return unexpected(std::string("queue size 32768 is not supported"));
+  c.size = static_cast<std::uint16_t>(q.num);
   c.indirect = has(virtio::kFRingIndirectDesc);
   c.event_idx = has(virtio::kFRingEventIdx);
-  // Ring addresses: IOVAs with the IOMMU, GPAs with GPA_ADDRESSES, else frontend
-  // virtual addresses that we turn into GPAs through our own memory table.
-  auto convert = [&](std::uint64_t a) -> Result<Iova, std::string> {
-    if (has(virtio::kFAccessPlatform) || has_protocol(protocol::kGpaAddresses)) return Iova(a);
-    auto g = space_->memory()->uaddr_to_gpa(Uaddr(a));
-    if (!g) return unexpected(fmt::format("ring address {:#x} is not in guest memory", a));
-    return Iova(g->gpa.value);
-  };
-  auto desc = convert(q.addr->desc);
-  auto avail = convert(q.addr->avail);
-  auto used = convert(q.addr->used);
+  auto desc = ring_iova(q.addr->desc_address(negotiated_));
+  auto avail = ring_iova(q.addr->avail_address(negotiated_));
+  auto used = ring_iova(q.addr->used_address(negotiated_));
   if (!desc) return unexpected(desc.error());
   if (!avail) return unexpected(avail.error());
   if (!used) return unexpected(used.error());
   c.addr = RingAddresses{*desc, *avail, *used};
-  if (q.addr->flags & kVringFLog) c.log_guest_addr = Gpa(q.addr->log);
+  if (q.addr->logging()) c.log_guest_addr = q.addr->log;
   RingState s;
   bool used_from_ring = c.format == RingFormat::split;
   if (c.format == RingFormat::split) {
@@ -511,19 +676,10 @@ Result<void, std::string> BackendServer::start_ring(std::uint32_t index, UniqueF
   return {};
 }
 
-BackendServer::Reply BackendServer::set_vring_kick(Message& m) {
-  auto index = static_cast<std::uint32_t>(m.u64() & kVringIndexMask);
-  auto q = queue(index);
-  if (!q) return unexpected(q.error());
-  if ((*q)->runner->running()) (void)(*q)->runner->stop();
-  UniqueFd kick = m.fds.empty() ? UniqueFd() : std::move(m.fds[0]);
-  if (auto r = start_ring(index, std::move(kick)); !r) return unexpected(r.error());
-  return std::nullopt;
-}
-
-BackendServer::Reply BackendServer::get_vring_base(const Message& m) {
-  auto s = m.as<VringState>();
-  auto q = queue(s.index);
+BackendServer::Impl::Reply BackendServer::Impl::get_vring_base(const Message& m) {
+  auto s = body<VringState>(m);
+  if (!s) return unexpected(s.error());
+  auto q = queue(s->index);
   if (!q) return unexpected(q.error());
   RingState st = (*q)->runner->stop();
   std::uint32_t num;
@@ -534,38 +690,46 @@ BackendServer::Reply BackendServer::get_vring_base(const Message& m) {
     num = st.avail_idx;
   }
   (*q)->base = num;
-  return reply_of(m, VringState{s.index, num});
+  return make_reply(m, VringState{s->index, num});
 }
 
-BackendServer::Reply BackendServer::iotlb_msg(const Message& m) {
-  auto t = m.as<IotlbMsg>();
-  log(LogLevel::debug, "{}: IOTLB type {} iova {:#x} size {:#x} addr {:#x} perm {}", device_.name(),
-      t.type, t.iova, t.size, t.uaddr, t.perm);
+BackendServer::Impl::Reply BackendServer::Impl::iotlb_msg(const Message& m) {
+  auto ev = decode_iotlb(m, Channel::main, negotiated_);
+  if (!ev) return unexpected(ev.error().message());
+  log(LogLevel::debug, "{}: IOTLB type {} iova {:#x} size {:#x} perm {}", device_.name(),
+      static_cast<unsigned>(ev->type), ev->iova.value, ev->size, to_string(ev->perm));
   if (!has(virtio::kFAccessPlatform))
     return unexpected(std::string("IOTLB message without VIRTIO_F_ACCESS_PLATFORM"));
-  if (t.type == kIotlbUpdate) {
-    if (t.perm == 0 || t.perm > 3)
-      return unexpected(fmt::format("IOTLB update with permission {}", t.perm));
-    auto perm = static_cast<Access>(t.perm);
-    auto r = has_protocol(protocol::kGpaAddresses)
-                 ? space_->iotlb_update(Iova(t.iova), t.size, Gpa(t.uaddr), perm)
-                 : space_->iotlb_update_uaddr(Iova(t.iova), t.size, Uaddr(t.uaddr), perm);
+  if (ev->type == IotlbType::update) {
+    if (ev->perm == Access::none)
+      return unexpected(std::string("IOTLB update without any permission"));
+    auto r =
+        std::holds_alternative<Gpa>(ev->target)
+            ? space_->iotlb_update(ev->iova, ev->size, std::get<Gpa>(ev->target), ev->perm)
+            : space_->iotlb_update_uaddr(ev->iova, ev->size, std::get<Uaddr>(ev->target), ev->perm);
     if (!r) return unexpected(r.error().message());
     for (auto& q : queues_) q.runner->wake();  // deferred chains can go on
     return std::nullopt;
   }
-  if (t.type == kIotlbInvalidate) {
-    if (auto r = space_->iotlb_invalidate(Iova(t.iova), t.size); !r)
-      return unexpected(r.error().message());
-    // After the ack the guest may reuse the memory: no worker may still translate
-    // through the removed entry.
-    if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
-    return std::nullopt;
-  }
-  return unexpected(fmt::format("IOTLB message type {} not accepted from a front-end", t.type));
+  // An invalidation (decode_iotlb accepts nothing else from a front-end).
+  if (auto r = space_->iotlb_invalidate(ev->iova, ev->size); !r)
+    return unexpected(r.error().message());
+  // After the ack the guest may reuse the memory: no worker may still translate through
+  // the removed entry.
+  if (!space_->synchronize()) return unexpected(std::string("workers did not quiesce"));
+  return std::nullopt;
 }
 
-void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
+void BackendServer::Impl::broken(std::uint32_t q, const VirtqueueError& e) {
+  log(LogLevel::error, "{}: queue {} broken: {}", device_.name(), q, e.message());
+  // Tell the front-end through the queue's error eventfd, if it gave one.
+  if (queues_[q].err.valid()) {
+    std::uint64_t one = 1;
+    (void)!::write(queues_[q].err.get(), &one, sizeof one);
+  }
+}
+
+void BackendServer::Impl::send_miss(std::uint32_t queue, const TranslateError& miss) {
   std::lock_guard lock(backend_mu_);
   if (!backend_fd_.valid()) {
     log(LogLevel::warn, "{}: queue {} misses IOVA {:#x} but there is no back-end channel",
@@ -574,15 +738,17 @@ void BackendServer::send_miss(std::uint32_t queue, const TranslateError& miss) {
   }
   log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x} ({})", device_.name(), queue,
       miss.addr.value, to_string(miss.access));
-  IotlbMsg t{};
-  t.iova = miss.addr.value;
-  t.perm = static_cast<std::uint8_t>(miss.access);
-  t.type = kIotlbMiss;
-  Message msg = Message::make(static_cast<std::uint32_t>(BackendRequest::iotlb_msg), t);
+  const IotlbMsg t{miss.addr,
+                   0,
+                   0,
+                   static_cast<std::uint8_t>(miss.access),
+                   static_cast<std::uint8_t>(IotlbType::miss),
+                   {}};
+  const Message msg = make_backend_request(BackendRequest::iotlb_msg, t);
   // Never block a worker on a full channel: the front-end may be waiting for this very
   // worker (GET_VRING_BASE under QEMU's lock) and not reading the channel, which would
   // deadlock both. A miss not sent now is sent again after the IOTLB's miss timeout.
-  if (auto w = try_write_message(backend_fd_.get(), msg); !w) {
+  if (auto w = try_write_message(backend_fd_.get(), msg, Channel::backend); !w) {
     if (w.error().sys_errno == EAGAIN || w.error().sys_errno == EWOULDBLOCK)
       log(LogLevel::debug, "{}: queue {} IOTLB miss at {:#x}: channel full, sent again later",
           device_.name(), queue, miss.addr.value);

@@ -6,7 +6,7 @@
 
 #include <fmt/format.h>
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 
 UserAddress user_address(std::uint64_t raw, const Negotiated& n) {
   if (n.has(ProtocolFeature::gpa_addresses)) return Gpa(raw);
@@ -386,7 +386,8 @@ Check backend_layout(const Message& m) {
   return unexpected(fail(c, m, CodecErrc::unknown_request, m.request));
 }
 
-// Requests whose reply is part of the protocol (not a REPLY_ACK).
+}  // namespace
+
 bool has_own_reply(const Message& request, const Negotiated& n) {
   using R = FrontendRequest;
   switch (request.frontend_request()) {
@@ -394,7 +395,6 @@ bool has_own_reply(const Message& request, const Negotiated& n) {
     case R::get_protocol_features:
     case R::get_vring_base:
     case R::get_queue_num:
-    case R::iotlb_msg:
     case R::get_config:
     case R::postcopy_advise:
     case R::postcopy_end:
@@ -409,6 +409,8 @@ bool has_own_reply(const Message& request, const Negotiated& n) {
     default: return false;
   }
 }
+
+namespace {
 
 Check reply_layout(const Message& reply, const Message& request, const Negotiated& n) {
   constexpr Channel c = Channel::main;
@@ -683,14 +685,19 @@ Result<IotlbEvent, CodecError> decode_iotlb(const Message& m, Channel c, const N
   }
   IotlbMsg msg;
   std::memcpy(&msg, m.payload.data(), sizeof msg);
-  if (msg.perm > static_cast<std::uint8_t>(Access::read_write))
-    return unexpected(fail(c, m, CodecErrc::bad_value, msg.perm));
   const auto type = static_cast<IotlbType>(msg.type);
   // Updates and invalidations flow from the front-end, misses and access failures from
   // the back-end; the kernel's batch markers (5, 6) are not part of vhost-user.
   const bool ok = c == Channel::main ? (type == IotlbType::update || type == IotlbType::invalidate)
                                      : (type == IotlbType::miss || type == IotlbType::access_fail);
   if (!ok) return unexpected(fail(c, m, CodecErrc::bad_value, msg.type));
+  if (type == IotlbType::invalidate) {
+    // Only iova and size mean anything here: QEMU 7.2 leaves perm and uaddr of an
+    // invalidation uninitialised (seen: perm 0xb2), so they are ignored, not checked.
+    return IotlbEvent{type, msg.iova, msg.size, user_address(0, n), Access::none};
+  }
+  if (msg.perm > static_cast<std::uint8_t>(Access::read_write))
+    return unexpected(fail(c, m, CodecErrc::bad_value, msg.perm));
   return IotlbEvent{type, msg.iova, msg.size, user_address(msg.uaddr, n),
                     static_cast<Access>(msg.perm)};
 }
@@ -712,4 +719,4 @@ Result<ConfigSpace, CodecError> decode_config(const Message& m) {
   return out;
 }
 
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user

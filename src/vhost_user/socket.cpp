@@ -7,7 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 
 namespace {
 
@@ -111,7 +111,9 @@ Result<Message, CodecError> read_message(int fd, Channel c) {
   return m;
 }
 
-Result<void, CodecError> write_message(int fd, const Message& m, Channel c) {
+namespace {
+
+Result<void, CodecError> send_message(int fd, const Message& m, Channel c, bool dont_wait) {
   if (m.fds.size() > kMaxFds) {
     return unexpected(
         error(CodecErrc::too_many_fds, c, m.request, m.flags, m.fds.size(), kMaxFds, true));
@@ -148,7 +150,8 @@ Result<void, CodecError> write_message(int fd, const Message& m, Channel c) {
   }
   std::size_t left = kHeaderSize + m.payload.size();
   while (left > 0) {
-    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    const bool first = left == kHeaderSize + m.payload.size();
+    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL | (dont_wait && first ? MSG_DONTWAIT : 0));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       return unexpected(error(CodecErrc::io_error, c, m.request, m.flags, 0, 0, false, errno));
@@ -174,4 +177,14 @@ Result<void, CodecError> write_message(int fd, const Message& m, Channel c) {
   return {};
 }
 
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace
+
+Result<void, CodecError> write_message(int fd, const Message& m, Channel c) {
+  return send_message(fd, m, c, false);
+}
+
+Result<void, CodecError> try_write_message(int fd, const Message& m, Channel c) {
+  return send_message(fd, m, c, true);
+}
+
+}  // namespace vhostkit::vhost_user

@@ -355,7 +355,7 @@ inline RigOutcome run_migration(
   if (cfg.packed) co.want_features |= virtio::bit(virtio::kFRingPacked);
   co.want_gpa_addresses = cfg.gpa_form;
   if (auto r = source.client->negotiate(co); !r) return fail("negotiate: " + r.error());
-  if (auto r = set_mem_table_regions(*source.client, *src_mem, plugged); !r)
+  if (auto r = source.client->set_mem_table_regions(*src_mem, plugged); !r)
     return fail("set_mem_table: " + r.error());
   if (cfg.iommu) source.client->attach_viommu(viommu, *src_mem);
 

@@ -27,8 +27,9 @@ using namespace frontend;
 using namespace std::chrono_literals;
 using testing::EchoDevice;
 using testing::open_fd_count;
+using vhost_user::FrontendRequest;
+using vhost_user::make_request;
 using vhost_user::Message;
-using vhost_user::Request;
 
 constexpr std::uint64_t kA = 0x40000, kASize = 0x200000;  // odd GPAs, two regions
 constexpr std::uint64_t kB = 0x100000000, kBSize = 0x100000;
@@ -215,18 +216,7 @@ TEST(BackendIntegration, DirtyLogMarksGpasNotIovasAndAddedRegions) {
   ClientOptions co;
   co.want_features = virtio::bit(virtio::kFAccessPlatform) | virtio::bit(virtio::kFRingEventIdx);
   ASSERT_TRUE(rig.client->negotiate(co).has_value());
-  Message m = Message::make_empty(static_cast<std::uint32_t>(Request::set_mem_table));
-  vhost_user::MemTableHeader h{2, 0};
-  m.payload.resize(sizeof h + 2 * sizeof(vhost_user::MemRegion));
-  std::memcpy(m.payload.data(), &h, sizeof h);
-  auto specs = rig.mem.region_specs();
-  for (int i = 0; i < 2; ++i) {
-    vhost_user::MemRegion r{specs[i].gpa.value, specs[i].size, specs[i].gpa.value,
-                            specs[i].mmap_offset};
-    std::memcpy(m.payload.data() + sizeof h + i * sizeof r, &r, sizeof r);
-    m.fds.push_back(std::move(specs[i].fd));
-  }
-  ASSERT_TRUE(rig.client->request_ack(std::move(m)).has_value());
+  ASSERT_TRUE(rig.client->set_mem_table_regions(rig.mem, {true, true, false}).has_value());
   rig.client->attach_viommu(rig.viommu, rig.mem);
   DriverOptions d;
   d.size = 64;
@@ -302,52 +292,45 @@ TEST(BackendIntegration, HostileMessagesAreRefused) {
   auto& c = *rig.client;
   // Before SET_OWNER, state-changing requests are refused.
   auto mem = GuestMemory::create({{Gpa(kA), kASize}});
-  Message early = Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                                vhost_user::VringState{0, 64});
-  early.flags |= vhost_user::kFlagNeedReply;
+  Message early = make_request(FrontendRequest::set_vring_num, vhost_user::VringState{0, 64},
+                               vhost_user::kVersion | vhost_user::kFlagNeedReply);
   auto refused = c.request_reply(std::move(early));
   ASSERT_TRUE(refused.has_value());
-  EXPECT_EQ(refused->u64(), 1u);
+  EXPECT_EQ(*vhost_user::decode_u64(*refused), 1u);
   ASSERT_TRUE(c.negotiate({}).has_value());
   ASSERT_TRUE(c.set_mem_table(*mem).has_value());
   // A ring index out of range (qemu-storage-daemon once aborted on index 255).
-  EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                                           vhost_user::VringState{255, 64}))
-                   .has_value());
+  EXPECT_FALSE(
+      c.request_ack(make_request(FrontendRequest::set_vring_num, vhost_user::VringState{255, 64}))
+          .has_value());
   // A queue size out of range.
-  EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_vring_num),
-                                           vhost_user::VringState{0, 70000}))
-                   .has_value());
+  EXPECT_FALSE(
+      c.request_ack(make_request(FrontendRequest::set_vring_num, vhost_user::VringState{0, 70000}))
+          .has_value());
   // A memory table claiming 1000 regions is refused by the codec, not by an abort.
-  EXPECT_FALSE(c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_mem_table),
-                                           vhost_user::MemTableHeader{1000, 0}))
+  EXPECT_FALSE(c.request_ack(make_request(FrontendRequest::set_mem_table,
+                                          vhost_user::MemTableHeader{1000, 0}))
                    .has_value());
   // A region overlapping another, added with ADD_MEM_REG.
   RegionSpec s = mem->region_spec(0);
-  Message add =
-      Message::make(static_cast<std::uint32_t>(Request::add_mem_reg),
-                    vhost_user::SingleMemRegion{0, {kA + 0x1000, 0x1000, kA + 0x1000, 0}});
-  add.fds.push_back(std::move(s.fd));
+  Message add = vhost_user::make_mem_reg(
+      FrontendRequest::add_mem_reg, {Gpa(kA + 0x1000), 0x1000, kA + 0x1000, 0}, std::move(s.fd));
   EXPECT_FALSE(c.request_ack(std::move(add)).has_value());
   // An IOTLB update without the IOMMU feature.
   EXPECT_FALSE(c.iotlb_invalidate(Iova(0), 4096).has_value());
   // Protocol features never offered.
   EXPECT_FALSE(
-      c.request_ack(Message::make(static_cast<std::uint32_t>(Request::set_protocol_features),
-                                  std::uint64_t{1} << 40))
+      c.request_ack(make_request(FrontendRequest::set_protocol_features, std::uint64_t{1} << 40))
           .has_value());
   // A log too small for the memory table.
-  Message lg =
-      Message::make(static_cast<std::uint32_t>(Request::set_log_base), vhost_user::LogDesc{8, 0});
-  lg.fds.push_back(testing::make_memfd(4096));
-  auto reply = c.request_reply(std::move(lg));
+  auto reply = c.request_reply(
+      vhost_user::make_log_base(vhost_user::LogDesc{8, 0}, testing::make_memfd(4096)));
   ASSERT_TRUE(reply.has_value());  // answered (no payload), and logged as refused
   EXPECT_GE(rig.server.messages_rejected(), 7u);
   // The connection still works.
-  auto qn =
-      c.request_reply(Message::make_empty(static_cast<std::uint32_t>(Request::get_queue_num)));
+  auto qn = c.request_reply(make_request(FrontendRequest::get_queue_num));
   ASSERT_TRUE(qn.has_value());
-  EXPECT_EQ(qn->u64(), 1u);
+  EXPECT_EQ(*vhost_user::decode_u64(*qn), 1u);
 }
 
 }  // namespace

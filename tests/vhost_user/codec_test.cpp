@@ -18,7 +18,7 @@
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/socket.h"
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 namespace {
 
 using R = FrontendRequest;
@@ -474,6 +474,13 @@ TEST(Codec, IotlbFieldValues) {
     return make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, 0, perm, type, {}});
   };
   EXPECT_TRUE(decode_iotlb(msg(0, 3), Channel::main, {}).has_value());  // invalidate
+  // QEMU 7.2 sends invalidations with an uninitialised perm and uaddr: both are ignored.
+  Message garbage = make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, ~0ULL, 0xb2, 3, {}});
+  auto inv = decode_iotlb(garbage, Channel::main, {});
+  ASSERT_TRUE(inv.has_value());
+  EXPECT_EQ(inv->type, IotlbType::invalidate);
+  EXPECT_EQ(inv->perm, Access::none);
+  EXPECT_EQ(inv->size, 0x1000u);
   EXPECT_EQ(decode_iotlb(msg(4, 2), Channel::main, {}).error().code, CodecErrc::bad_value);
   EXPECT_EQ(decode_iotlb(msg(0xff, 2), Channel::main, {}).error().code, CodecErrc::bad_value);
   for (std::uint8_t type : {0, 1, 4, 5, 6, 0xff}) {  // misses come from the back-end only
@@ -572,6 +579,14 @@ TEST(Codec, RepliesMatchTheirRequest) {
   EXPECT_EQ(*decode_u64(make_ack(num, true)), 0u);
   ack.fds.push_back(eventfd());
   EXPECT_EQ(validate_reply(ack, num, n).error().code, CodecErrc::bad_fd_count);
+
+  // IOTLB_MSG follows its NEED_REPLY flag: QEMU always sets it, DPDK answers only then.
+  Message upd = make_request(R::iotlb_msg, IotlbMsg{Iova(0x1000), 0x1000, 0x5000, 3, 2, {}});
+  EXPECT_FALSE(has_own_reply(upd, n));
+  EXPECT_FALSE(expects_reply(upd, n));
+  upd.flags |= kFlagNeedReply;
+  ASSERT_TRUE(expects_reply(upd, n));
+  EXPECT_TRUE(validate_reply(make_ack(upd, true), upd, n).has_value());
 
   // GET_CONFIG: as long as the request, or empty for an error.
   const Message cfg = valid_request(R::get_config);
@@ -709,4 +724,4 @@ TEST(Codec, MalformedMessagesLeakNoFds) {
 }
 
 }  // namespace
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user

@@ -21,7 +21,7 @@
 #include "support/memfd.h"
 #include "vhostkit/vhost_user/socket.h"
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 namespace {
 
 using namespace std::chrono_literals;
@@ -416,5 +416,36 @@ TEST(Socket, FramingFailuresLeakNoFds) {
   EXPECT_EQ(open_fd_count(), before);
 }
 
+// A worker must never block on a full back-end channel (the front-end may be waiting for
+// that worker): try_write_message refuses at once, and never leaves half a message.
+TEST(Socket, TryWriteRefusesWhenFullAndNeverSplitsAMessage) {
+  Pair p;
+  int small = 4096;
+  ASSERT_EQ(::setsockopt(p.a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  IotlbMsg t{};
+  t.type = static_cast<std::uint8_t>(IotlbType::miss);
+  t.perm = 1;
+  int sent = 0;
+  for (; sent < 100000; ++sent) {
+    t.iova = Iova(static_cast<std::uint64_t>(sent) << 12);
+    auto w = try_write_message(p.a.get(), make_backend_request(BackendRequest::iotlb_msg, t),
+                               Channel::backend);
+    if (!w) {
+      EXPECT_EQ(w.error().sys_errno, EAGAIN);
+      break;
+    }
+  }
+  ASSERT_GT(sent, 0);
+  ASSERT_LT(sent, 100000) << "the channel never filled";
+  // Everything written reads back whole and in order.
+  for (int i = 0; i < sent; ++i) {
+    auto m = read_message(p.b.get(), Channel::backend);
+    ASSERT_TRUE(m.has_value()) << i;
+    auto ev = decode_iotlb(*m, Channel::backend, {});
+    ASSERT_TRUE(ev.has_value()) << i;
+    EXPECT_EQ(ev->iova, Iova(static_cast<std::uint64_t>(i) << 12));
+  }
+}
+
 }  // namespace
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user

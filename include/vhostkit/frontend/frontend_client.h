@@ -26,13 +26,14 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "vhostkit/dirty_log.h"
 #include "vhostkit/frontend/guest_memory.h"
 #include "vhostkit/frontend/viommu.h"
 #include "vhostkit/frontend/virtio_driver.h"
 #include "vhostkit/unique_fd.h"
-#include "vhostkit/vhost_user/wire.h"
+#include "vhostkit/vhost_user/message.h"
 
 namespace vhostkit::frontend {
 
@@ -60,10 +61,17 @@ class FrontendClient {
   [[nodiscard]] Result<void, std::string> negotiate(const ClientOptions& options);
   [[nodiscard]] std::uint64_t features() const { return features_; }
   [[nodiscard]] std::uint64_t protocol_features() const { return protocol_features_; }
+  [[nodiscard]] vhost_user::Negotiated negotiated() const {
+    return {features_, protocol_features_};
+  }
   [[nodiscard]] bool gpa_addresses() const;
   [[nodiscard]] bool iommu() const;
 
   [[nodiscard]] Result<void, std::string> set_mem_table(const GuestMemory& memory);
+  // SET_MEM_TABLE with the regions i of memory for which plugged[i] is true (all of them
+  // if plugged is empty). Error if none is, or more than 8 are.
+  [[nodiscard]] Result<void, std::string> set_mem_table_regions(const GuestMemory& memory,
+                                                                const std::vector<bool>& plugged);
   [[nodiscard]] Result<void, std::string> add_mem_reg(const GuestMemory& memory,
                                                       std::size_t region);
   [[nodiscard]] Result<void, std::string> rem_mem_reg(const GuestMemory& memory,
@@ -110,6 +118,9 @@ class FrontendClient {
   explicit FrontendClient(UniqueFd socket);
   void backend_channel_loop();
   Result<void, std::string> request_ack_locked(vhost_user::Message m);
+  // Sends m and reads and validates its reply. REQUIRES: mu_ held.
+  Result<vhost_user::Message, std::string> exchange_locked(vhost_user::Message m);
+  [[nodiscard]] vhost_user::MemRegion region_of(const RegionSpec& s) const;
   std::uint64_t ring_address(const GuestMemory& memory, Iova device_addr, Gpa gpa) const;
 
   std::mutex mu_;  // serialises requests and replies on sock_

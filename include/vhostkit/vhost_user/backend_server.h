@@ -3,7 +3,7 @@
 // Concepts
 //   BackendServer  serves one Device to one front-end at a time over a Unix stream
 //                  socket: it negotiates features, keeps the device's AddressSpace
-//                  (memory table, IOTLB, dirty log) and one QueueRunner per virtqueue,
+//                  (memory table, IOTLB, dirty log) and one queue runner per virtqueue,
 //                  and answers every request of the vhost-user specification that
 //                  vhostkit offers (see docs/vhost-user.md). On disconnect it stops the
 //                  rings, resets the device and all state, and (in run()) accepts again.
@@ -19,36 +19,50 @@
 //   Hostile input  a malformed message is rejected (REPLY_ACK failure when asked for,
 //                  and a log line naming the device and request); framing errors close
 //                  the connection. Nothing a front-end sends can crash the process.
+//   Threads        run() and serve() run on the caller's thread (the control thread);
+//                  each group of queues Device::worker_of() names gets a worker thread
+//                  while one of its rings runs. stop() may be called from any thread.
 #pragma once
 
-#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <optional>
 #include <string>
-#include <vector>
 
+#include "vhostkit/export.h"
+#include "vhostkit/iotlb.h"
 #include "vhostkit/translate.h"
+#include "vhostkit/types.h"
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/vhost_user/device.h"
-#include "vhostkit/vhost_user/queue_runner.h"
-#include "vhostkit/vhost_user/wire.h"
 
 namespace vhostkit {
 
+// How the queue workers wait for work.
+struct RunnerOptions {
+  // Busy-poll the rings instead of sleeping on kicks.
+  bool poll = false;
+  // Poll mode: sleep after this long without work (0: never sleep).
+  std::chrono::microseconds poll_idle{1000};
+  // IOMMU on: ask again for a missing translation after this long without an answer.
+  std::chrono::milliseconds miss_retry{10};
+  // Request every missing page of the waiting chains at once, not one miss per round trip.
+  bool miss_lookahead = true;
+};
+
 struct BackendOptions {
-  std::size_t max_mem_slots = 509;
+  std::size_t max_mem_slots = 509;  // VHOST_USER_GET_MAX_MEM_SLOTS
   IotlbLimits iotlb;
   RunnerOptions runner;
   bool offer_gpa_addresses = true;  // VHOST_USER_PROTOCOL_F_GPA_ADDRESSES
-  bool offer_packed = true;
-  bool offer_iommu = true;
+  bool offer_packed = true;         // VIRTIO_F_RING_PACKED
+  bool offer_iommu = true;          // VIRTIO_F_ACCESS_PLATFORM
 };
 
-class BackendServer {
+class VHOSTKIT_API BackendServer {
  public:
-  BackendServer(Device& device, BackendOptions options = {});
+  // REQUIRES: device outlives the server.
+  explicit BackendServer(Device& device, BackendOptions options = {});
   ~BackendServer();
   BackendServer(const BackendServer&) = delete;
   BackendServer& operator=(const BackendServer&) = delete;
@@ -66,57 +80,17 @@ class BackendServer {
 
   // The virtio features the back-end offers (GET_FEATURES).
   [[nodiscard]] std::uint64_t offered_features() const;
+  // The protocol features the back-end offers (GET_PROTOCOL_FEATURES).
   [[nodiscard]] std::uint64_t offered_protocol_features() const;
-  [[nodiscard]] AddressSpace& space() { return *space_; }
-  [[nodiscard]] std::uint64_t messages_handled() const { return handled_.load(); }
-  [[nodiscard]] std::uint64_t messages_rejected() const { return rejected_.load(); }
+  // The device's guest memory, IOTLB and dirty log (for tools and tests).
+  [[nodiscard]] AddressSpace& space();
+  // Messages handled, and messages refused (malformed or failed), since construction.
+  [[nodiscard]] std::uint64_t messages_handled() const;
+  [[nodiscard]] std::uint64_t messages_rejected() const;
 
  private:
-  struct Queue {
-    std::unique_ptr<QueueRunner> runner;
-    std::uint32_t num = 0;
-    std::optional<vhost_user::VringAddr> addr;
-    std::uint32_t base = 0;  // SET_VRING_BASE num
-    UniqueFd err;
-    bool enabled = true;
-    bool enable_set = false;  // SET_VRING_ENABLE received since the connection began
-  };
-  using Reply = Result<std::optional<vhost_user::Message>, std::string>;
-
-  Reply handle(vhost_user::Message& m);
-  Reply set_mem_table(vhost_user::Message& m);
-  Reply add_mem_reg(vhost_user::Message& m);
-  Reply rem_mem_reg(const vhost_user::Message& m);
-  Reply set_log_base(vhost_user::Message& m);
-  Reply set_features(std::uint64_t features);
-  Reply set_vring_kick(vhost_user::Message& m);
-  Reply get_vring_base(const vhost_user::Message& m);
-  Reply iotlb_msg(const vhost_user::Message& m);
-  Result<Queue*, std::string> queue(std::uint32_t index);
-  Result<void, std::string> start_ring(std::uint32_t index, UniqueFd kick);
-  void send_miss(std::uint32_t queue, const TranslateError& miss);
-  void reset_connection();
-  void stop_all_rings();
-  bool has(unsigned feature) const { return (features_ >> feature) & 1; }
-  bool has_protocol(unsigned feature) const { return (protocol_features_ >> feature) & 1; }
-
-  Device& device_;
-  BackendOptions options_;
-  std::unique_ptr<AddressSpace> space_;
-  std::vector<Queue> queues_;
-  UniqueFd stop_fd_;  // eventfd
-  std::atomic<bool> stopping_{false};
-  std::atomic<std::uint64_t> handled_{0};
-  std::atomic<std::uint64_t> rejected_{0};
-
-  // Connection state (control thread only).
-  bool owner_ = false;
-  std::uint64_t features_ = 0;
-  bool features_set_ = false;
-  std::uint64_t protocol_features_ = 0;
-  std::uint8_t status_ = 0;
-  std::mutex backend_mu_;  // guards backend_fd_ (workers send IOTLB misses on it)
-  UniqueFd backend_fd_;
+  class Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace vhostkit

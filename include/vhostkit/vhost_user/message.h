@@ -1,4 +1,7 @@
-// vhostkit/vhost_user/message.h: the vhost-user wire format (QEMU docs/interop/vhost-user.rst).
+// vhostkit/vhost_user/message.h: the vhost-user wire format (QEMU docs/interop/vhost-user.rst),
+// the one codec of vhostkit: the back-end server, the front-end client, the migration
+// orchestrator, the tools, the fuzz targets and the tests all read and write messages
+// through it. Not part of the installed API (docs/api.md).
 //
 // Concepts
 //   Message     one message as it travels on a Unix stream socket: a 12-byte header
@@ -44,7 +47,7 @@
 #include "vhostkit/unique_fd.h"
 #include "vhostkit/virtio_spec.h"
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 
 // ---------------------------------------------------------------------------------------
 // Numbers of the specification
@@ -250,7 +253,7 @@ struct MemRegion {
   std::uint64_t mmap_offset;
 
   [[nodiscard]] UserAddress user_address(const Negotiated& n) const {
-    return codec::user_address(user_addr, n);
+    return vhost_user::user_address(user_addr, n);
   }
 };
 
@@ -449,9 +452,14 @@ struct CodecError {
 [[nodiscard]] Result<void, CodecError> validate_backend_request(const Message& m,
                                                                 const Negotiated& n);
 
-// Whether `request` (as sent on the vhost-user socket) is answered: requests with a
-// reply of their own (GET_*, SET_LOG_BASE with LOG_SHMFD, IOTLB_MSG, ...), and any
-// request with NEED_REPLY.
+// Whether `request` (as sent on the vhost-user socket) has a reply of its own, whatever
+// its flags say: GET_*, SET_LOG_BASE with LOG_SHMFD, GET_INFLIGHT_FD, ... Not IOTLB_MSG:
+// the specification asks for an acknowledgement of every update, but QEMU always sets
+// NEED_REPLY on it and DPDK answers only when NEED_REPLY is set, so vhostkit follows the
+// flag there (a front-end that sets it gets the ack).
+[[nodiscard]] bool has_own_reply(const Message& request, const Negotiated& n);
+// Whether `request` is answered: has_own_reply(), or NEED_REPLY on any other request
+// (REPLY_ACK).
 [[nodiscard]] bool expects_reply(const Message& request, const Negotiated& n);
 // Likewise for a back-end request (SHARED_OBJECT_LOOKUP, or NEED_REPLY).
 [[nodiscard]] bool expects_backend_reply(const Message& request);
@@ -622,4 +630,4 @@ struct ConfigSpace {
 // flags other than 0 and 1. The offset is the device's to check against its config size.
 [[nodiscard]] Result<ConfigSpace, CodecError> decode_config(const Message& m);
 
-}  // namespace vhostkit::vhost_user::codec
+}  // namespace vhostkit::vhost_user

@@ -1,5 +1,6 @@
 // vhostkit/vhost_user/queue_runner.h: one virtqueue, and the worker threads that serve
-// virtqueues.
+// virtqueues. Internal to the back-end server (not installed); RunnerOptions, the knobs a
+// user sets, live in backend_server.h.
 //
 // Concepts
 //   QueueRunner  owns a Virtqueue; while the ring is started, a QueueWorker calls
@@ -42,18 +43,11 @@
 
 #include "vhostkit/translate.h"
 #include "vhostkit/unique_fd.h"
+#include "vhostkit/vhost_user/backend_server.h"
 #include "vhostkit/vhost_user/device.h"
 #include "vhostkit/virtqueue.h"
 
 namespace vhostkit {
-
-struct RunnerOptions {
-  bool poll = false;
-  // Poll mode: sleep after this long without work (0: never sleep).
-  std::chrono::microseconds poll_idle{1000};
-  std::chrono::milliseconds miss_retry{10};
-  bool miss_lookahead = true;  // request every missing page of the waiting chains at once
-};
 
 class QueueWorker;
 

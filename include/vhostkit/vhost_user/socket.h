@@ -20,7 +20,7 @@
 
 #include "vhostkit/vhost_user/message.h"
 
-namespace vhostkit::vhost_user::codec {
+namespace vhostkit::vhost_user {
 
 // Reads one whole message from the blocking stream socket `fd`. Error closed when the
 // peer closed the connection before the first header byte, truncated when it closed
@@ -33,4 +33,12 @@ namespace vhostkit::vhost_user::codec {
 [[nodiscard]] Result<void, CodecError> write_message(int fd, const Message& m,
                                                      Channel c = Channel::main);
 
-}  // namespace vhostkit::vhost_user::codec
+// As write_message(), but when the socket cannot take the message's first byte now,
+// returns io_error with EAGAIN and has sent nothing. Once the first part is sent the rest
+// is sent blocking, so the stream never holds half a message. For a data-path thread that
+// must not block on a peer that may be waiting for it (IOTLB misses on the back-end
+// channel).
+[[nodiscard]] Result<void, CodecError> try_write_message(int fd, const Message& m,
+                                                         Channel c = Channel::main);
+
+}  // namespace vhostkit::vhost_user

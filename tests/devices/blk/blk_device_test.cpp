@@ -174,12 +174,10 @@ TEST_P(BlkEngines, ConfigSpaceAndFeatures) {
     EXPECT_TRUE(f & virtio::bit(b)) << b;
   EXPECT_FALSE(f & virtio::bit(kFRo));
   // GET_CONFIG over the socket returns the same bytes.
-  vhost_user::Message m =
-      vhost_user::Message::make_empty(static_cast<std::uint32_t>(vhost_user::Request::get_config));
-  m.payload.resize(12 + 60);
-  std::uint32_t size = 60;
-  std::memcpy(m.payload.data() + 4, &size, 4);
-  auto r = rig.fe->client().request_reply(std::move(m));
+  auto m = vhost_user::make_config(vhost_user::FrontendRequest::get_config, 0, 0,
+                                   std::vector<std::uint8_t>(60));
+  ASSERT_TRUE(m.has_value());
+  auto r = rig.fe->client().request_reply(std::move(*m));
   ASSERT_TRUE(r.has_value()) << r.error();
   ASSERT_EQ(r->payload.size(), 72u);
   EXPECT_EQ(std::memcmp(r->payload.data() + 12, cfg.data(), 60), 0);

@@ -1,4 +1,4 @@
-// The logging hook (lives in the lowest layer so that every layer can use it).
+// The logging hook: the sink the application installed, or stderr.
 #include "vhostkit/log.h"
 
 #include <atomic>
