@@ -12,6 +12,9 @@ packages=(
   libexpected-dev libfmt-dev libcli11-dev liburing-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev librapidcheck-dev libbenchmark-dev
+  # packaging and its tests (tests/package): cpack's dpkg-shlibdeps, the example's
+  # Makefile, systemd-socket-activate and systemd-analyze, man page rendering
+  dpkg-dev file make systemd groff-base
 )
 
 missing=()

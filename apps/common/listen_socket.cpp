@@ -57,9 +57,9 @@ Result<UniqueFd, std::string> adopt_listen_fd(int fd, int first_activated_fd) {
 
   if (pid && *pid == static_cast<long>(::getpid())) {
     if (!count || *count < 1)
-      return make_unexpected(fmt::format(
-          "--fd {}: LISTEN_FDS is '{}', not a number of sockets (socket activation)", fd,
-          fds_s == nullptr ? "" : fds_s));
+      return make_unexpected(
+          fmt::format("--fd {}: LISTEN_FDS is '{}', not a number of sockets (socket activation)",
+                      fd, fds_s == nullptr ? "" : fds_s));
     if (*count != 1)
       return make_unexpected(fmt::format(
           "--fd {}: the service manager passed {} sockets (LISTEN_FDS); one is served, so give "
@@ -67,8 +67,8 @@ Result<UniqueFd, std::string> adopt_listen_fd(int fd, int first_activated_fd) {
           fd, *count));
     if (fd != first_activated_fd)
       return make_unexpected(fmt::format(
-          "--fd {}: the service manager passed its socket as fd {} (LISTEN_FDS=1); use --fd {}",
-          fd, first_activated_fd, first_activated_fd));
+          "--fd {}: the service manager passed its socket as fd {} (LISTEN_FDS=1); use --fd {}", fd,
+          first_activated_fd, first_activated_fd));
   } else if (pid_s != nullptr && !pid) {
     return make_unexpected(fmt::format("--fd {}: LISTEN_PID is '{}', not a process id", fd,
                                        pid_s == nullptr ? "" : pid_s));
@@ -78,20 +78,20 @@ Result<UniqueFd, std::string> adopt_listen_fd(int fd, int first_activated_fd) {
   if (fd < 0) return make_unexpected(fmt::format("--fd {}: not a file descriptor", fd));
   struct stat st {};
   if (::fstat(fd, &st) != 0)
-    return make_unexpected(fmt::format("--fd {}: not an open file descriptor ({})", fd,
-                                       std::strerror(errno)));
+    return make_unexpected(
+        fmt::format("--fd {}: not an open file descriptor ({})", fd, std::strerror(errno)));
   if (!S_ISSOCK(st.st_mode))
-    return make_unexpected(fmt::format("--fd {}: {}, not a listening Unix socket", fd,
-                                       describe(st.st_mode)));
+    return make_unexpected(
+        fmt::format("--fd {}: {}, not a listening Unix socket", fd, describe(st.st_mode)));
   if (socket_option(fd, SO_DOMAIN) != AF_UNIX)
     return make_unexpected(fmt::format("--fd {}: not a Unix (AF_UNIX) socket", fd));
   if (socket_option(fd, SO_TYPE) != SOCK_STREAM)
     return make_unexpected(fmt::format("--fd {}: not a stream (SOCK_STREAM) socket", fd));
   if (socket_option(fd, SO_ACCEPTCONN) != 1)
-    return make_unexpected(fmt::format(
-        "--fd {}: a Unix socket that is not listening (pass a listening socket, not a "
-        "connection)",
-        fd));
+    return make_unexpected(
+        fmt::format("--fd {}: a Unix socket that is not listening (pass a listening socket, not a "
+                    "connection)",
+                    fd));
   int flags = ::fcntl(fd, F_GETFD);
   if (flags < 0 || ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC) != 0)
     return make_unexpected(

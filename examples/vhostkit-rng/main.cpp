@@ -134,7 +134,8 @@ int main(int argc, char** argv) {
       usage_error("unknown argument '" + std::string(argv[i]) + "'");
     }
   }
-  if (socket_path.empty() == (listen_fd < 0)) usage_error("give exactly one of --socket-path and --fd");
+  if (socket_path.empty() == (listen_fd < 0))
+    usage_error("give exactly one of --socket-path and --fd");
 
   vhostkit::set_log_sink(
       [](vhostkit::LogLevel l, std::string_view line) {

@@ -31,10 +31,10 @@ inline constexpr std::uint32_t kMaxRequestBytes = 64 * 1024;
 inline constexpr std::size_t kBurst = 32;  // chains popped per process() call
 
 struct RngStats {
-  std::atomic<std::uint64_t> requests{0};      // chains completed
-  std::atomic<std::uint64_t> bytes{0};         // random bytes written to the guest
-  std::atomic<std::uint64_t> unwritable{0};    // chains without a writable byte
-  std::atomic<std::uint64_t> source_errors{0}; // failed reads of the entropy source
+  std::atomic<std::uint64_t> requests{0};       // chains completed
+  std::atomic<std::uint64_t> bytes{0};          // random bytes written to the guest
+  std::atomic<std::uint64_t> unwritable{0};     // chains without a writable byte
+  std::atomic<std::uint64_t> source_errors{0};  // failed reads of the entropy source
 };
 
 class RngDevice : public vhostkit::Device {

@@ -42,8 +42,8 @@
 #include <string>
 #include <vector>
 
-#include "vhostkit/export.h"
 #include "vhostkit/dirty_log.h"
+#include "vhostkit/export.h"
 #include "vhostkit/iotlb.h"
 #include "vhostkit/memory.h"
 #include "vhostkit/types.h"

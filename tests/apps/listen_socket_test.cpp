@@ -26,8 +26,8 @@ UniqueFd make_socket(int domain, int type, bool listen) {
   if (domain == AF_UNIX && listen) {
     sockaddr_un a{};
     a.sun_family = AF_UNIX;
-    std::string name = "vhostkit-listen-test-" + std::to_string(::getpid()) + "-" +
-                       std::to_string(fd.get());
+    std::string name =
+        "vhostkit-listen-test-" + std::to_string(::getpid()) + "-" + std::to_string(fd.get());
     std::memcpy(a.sun_path + 1, name.data(), name.size());
     EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&a),
                      static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
@@ -48,7 +48,9 @@ bool activation_cleared() {
          std::getenv("LISTEN_FDNAMES") == nullptr;
 }
 
-std::string self() { return std::to_string(::getpid()); }
+std::string self() {
+  return std::to_string(::getpid());
+}
 
 TEST(ListenSocket, TakesAListeningUnixSocketAndMarksItCloseOnExec) {
   UniqueFd s = make_socket(AF_UNIX, SOCK_STREAM, true);

@@ -34,10 +34,9 @@ std::size_t distinct(const std::uint8_t* p, std::size_t n) {
 }
 
 // Adds the chain and waits for its completion; nullopt (and a FAIL) if none comes.
-std::optional<frontend::UsedBuffer> roundtrip(BlkFrontend& fe, std::span<const DriverBuffer> b,
-                                             const std::string& what,
-                                             std::chrono::milliseconds timeout =
-                                                 std::chrono::seconds(10)) {
+std::optional<frontend::UsedBuffer> roundtrip(
+    BlkFrontend& fe, std::span<const DriverBuffer> b, const std::string& what,
+    std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
   auto id = fe.add(0, b);
   if (!id) {
     check(false, what + ": add: " + id.error());
