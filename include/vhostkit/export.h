@@ -10,6 +10,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define VHOSTKIT_API __attribute__((visibility("default")))
+// For a class nested in an exported one that must stay private (a pimpl): nested classes
+// take the visibility of the class around them.
+#define VHOSTKIT_LOCAL __attribute__((visibility("hidden")))
 #else
 #define VHOSTKIT_API
+#define VHOSTKIT_LOCAL
 #endif

@@ -78,7 +78,7 @@ Message neutral_reply(const Message& m) {
 }  // namespace
 
 // The server's state. Control thread only, except where a member says otherwise.
-class BackendServer::Impl {
+class VHOSTKIT_LOCAL BackendServer::Impl {
  public:
   Impl(Device& device, BackendOptions options);
   ~Impl();

@@ -33,7 +33,9 @@ UniqueFd make_socket(int domain, int type, bool listen) {
                      static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())),
               0);
   }
-  if (listen) EXPECT_EQ(::listen(fd.get(), 1), 0);
+  if (listen) {
+    EXPECT_EQ(::listen(fd.get(), 1), 0);
+  }
   return fd;
 }
 

@@ -89,7 +89,7 @@ class VHOSTKIT_API BackendServer {
   [[nodiscard]] std::uint64_t messages_rejected() const;
 
  private:
-  class Impl;
+  class VHOSTKIT_LOCAL Impl;
   std::unique_ptr<Impl> impl_;
 };
 
