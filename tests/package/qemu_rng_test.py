@@ -54,7 +54,7 @@ def main():
     # hw_random's fill thread would keep reading the device to feed the kernel's entropy
     # pool; rng_core.default_quality=0 keeps it off (it only reads on behalf of users).
     qemu = machine_args("256M") + console_args() + ["-chardev", f"socket,id=rng,path={sock}"]
-    qemu += device_args("vhost-user-rng-pci,chardev=rng,disable-legacy=on", a.iommu)
+    qemu += device_args("vhost-user-rng-pci,chardev=rng", a.iommu)
     qemu += guest.boot_args(a.iommu, extra_cmdline="rng_core.default_quality=0")
     out = ""
     for attempt in range(2):
