@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Sets everything up and runs every vhostkit test:
-#   1. the release build (RelWithDebInfo, warnings as errors) and its tests,
+#   1. the release build (RelWithDebInfo, warnings as errors) and its tests, among them
+#      the packaging tests (ctest label "package", tests/package): install to a temporary
+#      prefix, the example device built out of tree with CMake and pkg-config, the Debian
+#      packages built and installed into a clean root, the systemd units, the libvirt
+#      examples, and the example device under QEMU (rng.qemu_*),
 #   2. the ASan+UBSan build and the same tests under the sanitizers,
 #   3. the clang-14 libFuzzer build, each fuzz target for $VHOSTKIT_FUZZ_SECONDS (60),
 # and prints ctest's summary of the release run last. Exits non-zero if anything failed.

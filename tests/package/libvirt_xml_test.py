@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The libvirt domain examples in docs/libvirt/ are valid libvirt XML (virt-xml-validate,
-from Debian's libvirt-clients, installed here if missing), use shared memfd memory as
-vhost-user needs, and name the socket paths the installed systemd socket units listen on.
+from Debian's libvirt-clients with libxml2-utils, installed here if missing), use shared
+memfd memory as vhost-user needs, and name the socket paths the installed systemd socket
+units listen on.
 A copy with a misspelt device type must fail validation (so the check can fail).
 
 Usage: libvirt_xml_test.py --source-dir DIR --prefix DIR --work-dir DIR
@@ -24,6 +25,15 @@ def check(ok, what):
         failures.append(what)
 
 
+def apt_install(packages):
+    """Installs Debian packages, refreshing the package lists first if that is needed."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + packages
+    if subprocess.run(cmd, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+        subprocess.run(cmd, env=env, check=True)
+
+
 def validate(path):
     r = subprocess.run(["virt-xml-validate", path, "domain"], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
@@ -36,10 +46,9 @@ def main():
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--work-dir", required=True)
     a = ap.parse_args()
-    if shutil.which("virt-xml-validate") is None:
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "libvirt-clients"], check=True,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    # virt-xml-validate (libvirt-clients) runs xmllint (libxml2-utils).
+    if shutil.which("virt-xml-validate") is None or shutil.which("xmllint") is None:
+        apt_install(["libvirt-clients", "libxml2-utils"])
     os.makedirs(a.work_dir, exist_ok=True)
     sockets = {}
     for kind in ("blk", "net"):

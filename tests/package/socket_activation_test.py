@@ -165,9 +165,11 @@ def main():
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--work-dir", required=True)
     a = ap.parse_args()
-    if shutil.which("systemd-socket-activate") is None:
+    if shutil.which("systemd-socket-activate") is None:  # scripts/setup.sh installs it
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd"],
-                       check=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+                       env=env, check=True)
     work = a.work_dir
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
