@@ -5,7 +5,7 @@
 #      prefix, the example device built out of tree with CMake and pkg-config, the Debian
 #      packages built and installed into a clean root, the systemd units, the libvirt
 #      examples, and the example device under QEMU (rng.qemu_*),
-#   2. the ASan+UBSan build and the same tests under the sanitizers,
+#   2. the ASan+UBSan build and the same tests (but the packaging ones) under the sanitizers,
 #   3. the clang-14 libFuzzer build, each fuzz target for $VHOSTKIT_FUZZ_SECONDS (60),
 # and prints ctest's summary of the release run last. Exits non-zero if anything failed.
 # Usage: scripts/test.sh   (as root on a fresh Debian 12 machine)
