@@ -10,19 +10,22 @@
 //                  returns out_of_range and the log counts it.
 //   DirtyLogBatch  a per-queue write-combining cache: marks are ORed into a few cached
 //                  64-bit words and written to the shared log by flush() (at the end of
-//                  a burst, and when a word's slot is needed for another word). Between mark() and
-//                  flush() the bits are not yet visible: flush before completing the burst.
+//                  a burst, or when its list of evicted words is full). Between mark()
+//                  and flush() the bits are not yet visible: flush before completing the
+//                  burst. flush() issues one full fence and then skips every word whose
+//                  bits are all set already (no locked write for a page that is still
+//                  dirty since the front-end's last fetch).
 //   fetch_and_clear  the frontend's side: atomically take and zero a range of the log.
 //
 // Thread safety: mark() may be called from any number of threads concurrently. A
 // DirtyLogBatch belongs to one thread.
 //
 // Fault injection (tests only): the proof of migration (docs/migration.md) must be able
-// to fail. set_fault_drop_one_in(N) makes every N-th write to any log (one mark() or
-// mark_word() call) do nothing. It is off (0) by default; a process also turns it on
-// when the environment variable VHOSTKIT_FAULT_DROP_LOG_ONE_IN=N is set at the first
-// DirtyLog::map(), with a warning on stderr. Nothing in the vhost-user protocol can
-// turn it on.
+// to fail. set_fault_drop_one_in(N) makes every N-th write to any log (one mark() call,
+// or one word mark_word_fenced() would have changed) do nothing. It is off (0) by default; a
+// process also turns it on when the environment variable VHOSTKIT_FAULT_DROP_LOG_ONE_IN=N is set at
+// the first DirtyLog::map(), with a warning on stderr. Nothing in the vhost-user protocol can turn
+// it on.
 #pragma once
 
 #include <algorithm>
@@ -89,9 +92,13 @@ class VHOSTKIT_API DirtyLog {
   // are not written: they are counted and the first is returned as out_of_range.
   [[nodiscard]] Result<void, DirtyLogError> mark(Gpa gpa, std::uint64_t len);
 
-  // ORs mask into the log's 64-bit word `word` (pages word*64 .. word*64+63), after a
-  // release fence. Pages outside the log are counted, not written.
-  [[nodiscard]] Result<void, DirtyLogError> mark_word(std::uint64_t word, std::uint64_t mask);
+  // Sets the bits of mask in the log's 64-bit word `word` (pages word*64 .. word*64+63)
+  // unless all of them are set already, in which case nothing is written. Pages outside
+  // the log are counted, not written. REQUIRES: the caller ran
+  // std::atomic_thread_fence(std::memory_order_seq_cst) after the guest-data writes it
+  // logs (DirtyLogBatch::flush() explains why that makes skipping a set bit safe).
+  [[nodiscard]] Result<void, DirtyLogError> mark_word_fenced(std::uint64_t word,
+                                                             std::uint64_t mask);
 
   [[nodiscard]] bool test(std::uint64_t page) const;
 
@@ -144,7 +151,9 @@ inline constexpr LogMaskTable kLogThrough = make_log_mask_table(1);
 class VHOSTKIT_API DirtyLogBatch {
  public:
   static constexpr std::size_t kWords = 16;  // a power of two
-  static constexpr std::size_t kPending = 64;
+  // Room for the words of a whole burst of 64 frames in buffers one per page (one or
+  // two words each), so the fence and the shared-log writes happen once per burst.
+  static constexpr std::size_t kPending = 256;
   static_assert((kWords & (kWords - 1)) == 0);
 
   // Records [gpa, gpa + len) as dirty; writes an evicted word to the log first.
@@ -213,10 +222,12 @@ std::uint64_t DirtyLog::fetch_and_clear(std::uint64_t first_page, std::uint64_t 
   for (std::uint64_t p = first_page; p < end;) {
     std::uint64_t byte = p / 8;
     if ((p % 8) == 0 && p + 8 <= end) {
-      // acq_rel: the exchange must see the guest data published before the bit
-      // (acquire) and must not be reordered with the caller's later copy.
+      // seq_cst: the exchange must see the guest data published before the bit, must not
+      // be reordered with the caller's later copy, and is the front-end's half of the
+      // full-barrier pairing that lets a back-end skip a bit already set
+      // (DirtyLogBatch::flush()). QEMU takes its log with a seq_cst exchange as well.
       std::uint8_t v =
-          std::atomic_ref<std::uint8_t>(bits_[byte]).exchange(0, std::memory_order_acq_rel);
+          std::atomic_ref<std::uint8_t>(bits_[byte]).exchange(0, std::memory_order_seq_cst);
       for (unsigned b = 0; v != 0 && b < 8; ++b)
         if (v & (1u << b)) {
           ++found;
@@ -226,7 +237,7 @@ std::uint64_t DirtyLog::fetch_and_clear(std::uint64_t first_page, std::uint64_t 
     } else {
       std::uint8_t bit = static_cast<std::uint8_t>(1u << (p % 8));
       std::uint8_t v = std::atomic_ref<std::uint8_t>(bits_[byte])
-                           .fetch_and(static_cast<std::uint8_t>(~bit), std::memory_order_acq_rel);
+                           .fetch_and(static_cast<std::uint8_t>(~bit), std::memory_order_seq_cst);
       if (v & bit) {
         ++found;
         fn(p);

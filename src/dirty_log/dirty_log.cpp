@@ -156,19 +156,22 @@ Result<void, DirtyLogError> DirtyLog::mark(Gpa gpa, std::uint64_t len) {
   return {};
 }
 
-Result<void, DirtyLogError> DirtyLog::mark_word(std::uint64_t word, std::uint64_t mask) {
-  if (drop_this_write()) return {};
-  std::atomic_thread_fence(std::memory_order_release);  // as in mark()
-  std::uint64_t first_byte = word * 8;
+Result<void, DirtyLogError> DirtyLog::mark_word_fenced(std::uint64_t word, std::uint64_t mask) {
+  const std::uint64_t first_byte = word * 8;
   auto* addr = bits_ + first_byte;
   if (word < size_ / 8 && (reinterpret_cast<std::uintptr_t>(addr) % 8) == 0) {
     // Little endian: bit N of this word is bit N % 8 of byte N / 8, as in the log.
-    std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(addr))
-        .fetch_or(mask, std::memory_order_relaxed);
+    std::atomic_ref<std::uint64_t> w(*reinterpret_cast<std::uint64_t*>(addr));
+    // Relaxed: the caller's seq_cst fence orders the guest data before this load and the
+    // OR below (DirtyLogBatch::flush()).
+    if ((w.load(std::memory_order_relaxed) & mask) == mask) return {};
+    if (drop_this_write()) return {};
+    w.fetch_or(mask, std::memory_order_relaxed);
     return {};
   }
   // Unaligned log (non-multiple-of-8 mmap offset) or the log's last partial word.
   Result<void, DirtyLogError> result;
+  bool dropped = false;
   for (unsigned k = 0; k < 8; ++k) {
     auto m = static_cast<std::uint8_t>(mask >> (8 * k));
     if (m == 0) continue;
@@ -176,7 +179,11 @@ Result<void, DirtyLogError> DirtyLog::mark_word(std::uint64_t word, std::uint64_
       if (result) result = unexpected(out_of_range((first_byte + k) * 8 * kPageSize));
       continue;
     }
-    std::atomic_ref<std::uint8_t>(bits_[first_byte + k]).fetch_or(m, std::memory_order_relaxed);
+    std::atomic_ref<std::uint8_t> b(bits_[first_byte + k]);
+    if ((b.load(std::memory_order_relaxed) & m) == m) continue;
+    if (!dropped && drop_this_write()) return result;
+    dropped = true;  // one fault decision per word, as in the aligned case
+    b.fetch_or(m, std::memory_order_relaxed);
   }
   return result;
 }
@@ -222,10 +229,27 @@ Result<void, DirtyLogError> DirtyLogBatch::mark_slow(DirtyLog& log, Gpa gpa, std
   return {};
 }
 
+// Why a set bit may be skipped. The front-end (QEMU, DPDK, our own) takes the log with an
+// atomic exchange or fetch-and (a full barrier: a locked instruction on x86, seq_cst in
+// C++) and then copies the dirty pages; we write guest data, then fence (seq_cst), then
+// load the log word, and skip the OR when our bits are all set. Suppose we skip: our load
+// read a value with the bit set. Either the front-end's clear X of that bit comes after
+// our load in the word's modification order, or it does not exist yet. If X came before
+// our fence in the total order of seq_cst operations, our load (sequenced after the
+// fence) would have had to see X or a later value: so X follows the fence, the classic
+// store-buffering pattern with a full barrier on both sides, and the front-end's copy
+// after X sees our data. If there is no such clear before the device stops, the bit is
+// still set at the last fetch (after GET_VRING_BASE, which synchronises with us) and the
+// page is copied then. Either way no write is lost. Without the fence, the load could be
+// satisfied before our data stores are visible (x86 lets a load pass earlier stores), and
+// the front-end could clear and copy in between: the write would be lost.
+// tests/dirty_log/dirty_log_test.cpp (ConcurrentClearingLosesNoWrite) drives exactly that.
+
 bool DirtyLogBatch::write_pending(DirtyLog& log, DirtyLogError* error) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   bool ok = true;
   for (std::size_t k = 0; k < np_; ++k) {
-    if (auto r = log.mark_word(pend_words_[k], pend_masks_[k]); !r && ok) {
+    if (auto r = log.mark_word_fenced(pend_words_[k], pend_masks_[k]); !r && ok) {
       ok = false;
       if (error != nullptr) *error = r.error();
     }
@@ -236,10 +260,17 @@ bool DirtyLogBatch::write_pending(DirtyLog& log, DirtyLogError* error) {
 
 Result<void, DirtyLogError> DirtyLogBatch::flush(DirtyLog& log) {
   Result<void, DirtyLogError> result;
-  if (DirtyLogError e{}; np_ != 0 && !write_pending(log, &e)) result = unexpected(e);
+  if (np_ != 0) {
+    // write_pending() fences once for the whole flush (see the argument above).
+    if (DirtyLogError e{}; !write_pending(log, &e)) result = unexpected(e);
+  } else if (empty()) {
+    return result;
+  } else {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
   for (std::size_t i = 0; i < kWords; ++i) {
     if (masks_[i] == 0) continue;
-    if (auto r = log.mark_word(words_[i], masks_[i]); !r && result) result = r;
+    if (auto r = log.mark_word_fenced(words_[i], masks_[i]); !r && result) result = r;
     masks_[i] = 0;
   }
   return result;
