@@ -236,9 +236,11 @@ int main(int argc, char** argv) {
   auto r = server.run(listener.get());
   g_server = nullptr;
   const BlkStats& s = (*device)->stats();
-  log(LogLevel::info, "{}: exiting: reads={} writes={} flushes={} errors={} unsupported={}",
+  log(LogLevel::info,
+      "{}: exiting: reads={} writes={} flushes={} errors={} unsupported={} durable_syncs={} "
+      "bounced={} unaligned={}",
       blk.name, s.reads.load(), s.writes.load(), s.flushes.load(), s.errors.load(),
-      s.unsupported.load());
+      s.unsupported.load(), s.durable_syncs.load(), s.bounced.load(), s.unaligned.load());
   if (!socket_path.empty()) ::unlink(socket_path.c_str());
   if (!r) {
     std::fprintf(stderr, "vhostkit-blk: %s\n", r.error().c_str());
