@@ -13,6 +13,8 @@
 namespace vhostkit::blk {
 namespace {
 
+constexpr std::uint64_t kAsyncReadBytes = 128 * 1024;
+
 // Drops the first n bytes of the vector (iov and iovcnt advance in place).
 void advance(iovec*& iov, int& iovcnt, std::uint64_t n) {
   while (n > 0 && iovcnt > 0) {
@@ -78,6 +80,9 @@ class UringEngine final : public IoEngine {
         switch (r.op) {
           case IoOp::read:
             io_uring_prep_readv(sqe, r.fd, r.iov, static_cast<unsigned>(r.iovcnt), r.offset);
+            // A big copy out of the page cache: to io_uring's kernel workers, which copy
+            // in parallel on every core, rather than inline at submit on this thread.
+            if (r.buffered && r.len >= kAsyncReadBytes) io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
             break;
           case IoOp::write:
             io_uring_prep_writev(sqe, r.fd, r.iov, static_cast<unsigned>(r.iovcnt), r.offset);

@@ -10,7 +10,10 @@
 //              io_uring engine writes these with pwritev on the calling thread: io_uring
 //              would try them without blocking, fail (the file system must lock the
 //              inode) and hand every buffered write to one file to a single kernel
-//              worker thread, one after the other, each with a thread switch.
+//              worker thread, one after the other, each with a thread switch. Buffered
+//              reads of 128 KiB or more go to io_uring's kernel workers at once
+//              (IOSQE_ASYNC): the copies out of the page cache then run on every core,
+//              not one after the other on the queue's worker.
 #pragma once
 
 #include <sys/uio.h>
