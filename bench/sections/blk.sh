@@ -39,8 +39,9 @@ section_blk() {
   dir=$(mktemp -d "$PWD/build/bench-blk.XXXXXX")
   local img=$dir/disk.img
   dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
+  local status=0
   python3 - "$build" "$img" "$dir" "${VHOSTKIT_BENCH_BLK_REPETITIONS:-3}" \
-    "${VHOSTKIT_BENCH_BLK_SECONDS:-0.8}" "${qsd:-}" <<'PY'
+    "${VHOSTKIT_BENCH_BLK_SECONDS:-0.8}" "${qsd:-}" <<'PY' || status=$?
 import os, re, signal, statistics, subprocess, sys, time
 
 build, img, work, reps, seconds, qsd = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
@@ -160,5 +161,6 @@ for row in dict.fromkeys(row for row, _ in results):
     if q:
         print(f"BENCH name={row}_qsd_cpu value={med[q][1]:.2f} unit=us_per_io")
 PY
-  rm -rf "$dir"
+  rm -rf "$dir"  # the 1 GiB image, also after a failure
+  return "$status"
 }

@@ -103,7 +103,7 @@ struct BlkDevice::QueueState {
   std::vector<iovec> iovs;
   std::vector<Completion> done;
   std::vector<std::uint8_t> scratch;  // zeroes for a write-zeroes the file system refuses
-  // The bounce buffer (kBounceChunk bytes, page aligned, so O_DIRECT takes it).
+  // The bounce buffer (kBounceChunk bytes, aligned to a page or more, so O_DIRECT takes it).
   std::unique_ptr<std::uint8_t, FreeDeleter> bounce;
   // Completions whose push met an IOTLB miss on a used-ring area (the ring's
   // translation was invalidated while the batch ran): pushed first on the next call.
@@ -476,7 +476,8 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
           s.iovs.resize(p.first_iov);
           stats_.bounced.fetch_add(1, std::memory_order_relaxed);
           if (!s.bounce) {
-            s.bounce.reset(static_cast<std::uint8_t*>(std::aligned_alloc(4096, kBounceChunk)));
+            const std::size_t align = std::max<std::size_t>(4096, dio_mem_align_);
+            s.bounce.reset(static_cast<std::uint8_t*>(std::aligned_alloc(align, kBounceChunk)));
             if (!s.bounce) {
               p.status = kSIoErr;
               break;
