@@ -72,20 +72,23 @@ struct LoopDevice {
   UniqueFd fd;
   LoopDevice(const std::string& image, std::uint32_t sector_size) {
     UniqueFd ctl(::open("/dev/loop-control", O_RDWR | O_CLOEXEC));
-    if (!ctl.valid()) return;
-    int n = ::ioctl(ctl.get(), LOOP_CTL_GET_FREE);
-    if (n < 0) return;
-    std::string p = "/dev/loop" + std::to_string(n);
-    UniqueFd dev(::open(p.c_str(), O_RDWR | O_CLOEXEC));
     UniqueFd backing(::open(image.c_str(), O_RDWR | O_CLOEXEC));
-    if (!dev.valid() || !backing.valid()) return;
-    loop_config c{};
-    c.fd = static_cast<std::uint32_t>(backing.get());
-    c.block_size = sector_size;
-    c.info.lo_flags = LO_FLAGS_AUTOCLEAR;
-    if (::ioctl(dev.get(), LOOP_CONFIGURE, &c) != 0) return;
-    path = p;
-    fd = std::move(dev);  // held open: AUTOCLEAR detaches the device when the last closes
+    if (!ctl.valid() || !backing.valid()) return;
+    // Another test (another worktree) may take the free device first: try again.
+    for (int attempt = 0; attempt < 5 && path.empty(); ++attempt) {
+      int n = ::ioctl(ctl.get(), LOOP_CTL_GET_FREE);
+      if (n < 0) return;
+      std::string p = "/dev/loop" + std::to_string(n);
+      UniqueFd dev(::open(p.c_str(), O_RDWR | O_CLOEXEC));
+      if (!dev.valid()) continue;
+      loop_config c{};
+      c.fd = static_cast<std::uint32_t>(backing.get());
+      c.block_size = sector_size;
+      c.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+      if (::ioctl(dev.get(), LOOP_CONFIGURE, &c) != 0) continue;
+      path = p;
+      fd = std::move(dev);  // held open: AUTOCLEAR detaches the device when the last closes
+    }
   }
   [[nodiscard]] bool valid() const { return !path.empty(); }
 };
