@@ -13,7 +13,7 @@
 #   queues     q1 or q2 (--num-queues; qsd num-queues), the front-end using all of them.
 # qemu-storage-daemon runs with aio=io_uring and with aio=threads; its better median is
 # the row's qsd figure (a note on stderr says which). Each run lasts
-# VHOSTKIT_BENCH_BLK_SECONDS (default 0.8); VHOSTKIT_BENCH_BLK_REPETITIONS (default 3)
+# VHOSTKIT_BENCH_BLK_SECONDS (default 0.6); VHOSTKIT_BENCH_BLK_REPETITIONS (default 3)
 # rounds, in each the back-ends alternate; figures are medians over the rounds.
 # Per-request CPU: the back-end process's utime+stime (/proc/PID/stat, every thread,
 # io_uring's kernel workers included) over the measured seconds (blk_bench --cpu-pid
@@ -39,9 +39,10 @@ section_blk() {
   dir=$(mktemp -d "$PWD/build/bench-blk.XXXXXX")
   local img=$dir/disk.img
   dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
+  sync  # the image's own writeback must not throttle the first back-end's writes
   local status=0
   python3 - "$build" "$img" "$dir" "${VHOSTKIT_BENCH_BLK_REPETITIONS:-3}" \
-    "${VHOSTKIT_BENCH_BLK_SECONDS:-0.8}" "${qsd:-}" <<'PY' || status=$?
+    "${VHOSTKIT_BENCH_BLK_SECONDS:-0.6}" "${qsd:-}" <<'PY' || status=$?
 import os, re, signal, statistics, subprocess, sys, time
 
 build, img, work, reps, seconds, qsd = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
@@ -109,6 +110,9 @@ for rep in range(reps):
                 # Alternate the back-ends, and their order from round to round.
                 order = backends if rep % 2 == 0 else backends[::-1]
                 for kind in order:
+                    # Every back-end starts with no dirty page cache of the others' to
+                    # write back (writeback throttles whoever writes next).
+                    os.sync()
                     p, sock = start(kind, direct, queues)
                     try:
                         for name, mode, bs, qd in workloads:
