@@ -39,7 +39,7 @@ section_blk() {
   dir=$(mktemp -d "$PWD/build/bench-blk.XXXXXX")
   local img=$dir/disk.img
   dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
-  sync  # the image's own writeback must not throttle the first back-end's writes
+  sync  # the first back-end starts without the image's dirty pages waiting
   local status=0
   python3 - "$build" "$img" "$dir" "${VHOSTKIT_BENCH_BLK_REPETITIONS:-3}" \
     "${VHOSTKIT_BENCH_BLK_SECONDS:-0.6}" "${qsd:-}" <<'PY' || status=$?
@@ -110,8 +110,8 @@ for rep in range(reps):
                 # Alternate the back-ends, and their order from round to round.
                 order = backends if rep % 2 == 0 else backends[::-1]
                 for kind in order:
-                    # Every back-end starts with no dirty page cache of the others' to
-                    # write back (writeback throttles whoever writes next).
+                    # Every back-end starts without the others' dirty pages waiting to
+                    # be written.
                     os.sync()
                     p, sock = start(kind, direct, queues)
                     try:
