@@ -508,14 +508,8 @@ TEST_P(BlkEngines, ReadsIntoGuestMemoryAreDirtyLogged) {
 
 // SET_CONFIG over the socket (REPLY_ACK): true if the back-end accepted it.
 bool set_config(Rig& rig, std::uint32_t offset, std::vector<std::uint8_t> bytes) {
-  vhost_user::Message m =
-      vhost_user::Message::make_empty(static_cast<std::uint32_t>(vhost_user::Request::set_config));
-  m.payload.resize(12 + bytes.size());
-  auto size = static_cast<std::uint32_t>(bytes.size());
-  std::memcpy(m.payload.data(), &offset, 4);
-  std::memcpy(m.payload.data() + 4, &size, 4);
-  std::memcpy(m.payload.data() + 12, bytes.data(), bytes.size());
-  return rig.fe->client().request_ack(std::move(m)).has_value();
+  auto m = vhost_user::make_config(vhost_user::FrontendRequest::set_config, offset, 0, bytes);
+  return m.has_value() && rig.fe->client().request_ack(std::move(*m)).has_value();
 }
 
 TEST_P(BlkEngines, BlockSizesAndTopology) {
