@@ -34,7 +34,12 @@ constexpr const char* kUsage =
     "  --fd FD                serve the listening Unix socket FD (inherited)\n"
     "  --blk-file FILE        the raw image file or block device to serve\n"
     "  --read-only            open FILE read-only and offer VIRTIO_BLK_F_RO\n"
-    "  --queues N             number of virtqueues (1-64, default 1)\n"
+    "  --num-queues N         number of request queues (1-64, default: one per CPU)\n"
+    "  --workers N            worker threads serving them (default: min(queues, CPUs))\n"
+    "  --direct on|off        open FILE with O_DIRECT (default off)\n"
+    "  --cache MODE           writeback (default) or writethrough\n"
+    "  --logical-block-size B   512 (default), 1024, 2048 or 4096 bytes\n"
+    "  --physical-block-size B  a power of two, logical block size (default) .. 1 MiB\n"
     "  --serial ID            the GET_ID string (at most 20 bytes; default: file name)\n"
     "  --engine E             I/O engine: auto (default), io_uring or sync\n"
     "  --poll                 busy-poll the queues instead of waiting for kicks\n"
@@ -104,8 +109,30 @@ int main(int argc, char** argv) {
     } else if (a == "--read-only") {
       flag();
       blk.read_only = true;
-    } else if (a == "--queues") {
+    } else if (a == "--num-queues") {
       blk.queues = parse_uint(a, value(), 1, 64);
+    } else if (a == "--workers") {
+      blk.workers = parse_uint(a, value(), 1, 64);
+    } else if (a == "--direct") {
+      std::string v = value();
+      if (v != "on" && v != "off") fail_usage("--direct must be on or off, not '" + v + "'");
+      blk.direct = v == "on";
+    } else if (a == "--cache") {
+      std::string v = value();
+      if (v == "writeback")
+        blk.cache = BlkCache::writeback;
+      else if (v == "writethrough")
+        blk.cache = BlkCache::writethrough;
+      else
+        fail_usage("--cache must be writeback or writethrough, not '" + v + "'");
+    } else if (a == "--logical-block-size") {
+      blk.logical_block_size = parse_uint(a, value(), 512, 4096);
+      if ((blk.logical_block_size & (blk.logical_block_size - 1)) != 0)
+        fail_usage("--logical-block-size must be a power of two");
+    } else if (a == "--physical-block-size") {
+      blk.physical_block_size = parse_uint(a, value(), 512, 1u << 20);
+      if ((blk.physical_block_size & (blk.physical_block_size - 1)) != 0)
+        fail_usage("--physical-block-size must be a power of two");
     } else if (a == "--serial") {
       blk.serial = value();
       if (blk.serial.size() > blk::kIdBytes) fail_usage("--serial is longer than 20 bytes");
@@ -152,6 +179,10 @@ int main(int argc, char** argv) {
   }
   if (socket_path.empty() == !have_fd) fail_usage("give exactly one of --socket-path and --fd");
   if (blk.path.empty()) fail_usage("--blk-file is required");
+  if (blk.queues != 0 && blk.workers > blk.queues)
+    fail_usage("--workers must not exceed --num-queues");
+  if (blk.physical_block_size != 0 && blk.physical_block_size < blk.logical_block_size)
+    fail_usage("--physical-block-size must not be below --logical-block-size");
 
   set_log_sink(
       [](LogLevel l, std::string_view line) {
@@ -202,9 +233,11 @@ int main(int argc, char** argv) {
   auto r = server.run(listener.get());
   g_server = nullptr;
   const BlkStats& s = (*device)->stats();
-  log(LogLevel::info, "{}: exiting: reads={} writes={} flushes={} errors={} unsupported={}",
+  log(LogLevel::info,
+      "{}: exiting: reads={} writes={} flushes={} errors={} unsupported={} durable_syncs={} "
+      "bounced={} unaligned={}",
       blk.name, s.reads.load(), s.writes.load(), s.flushes.load(), s.errors.load(),
-      s.unsupported.load());
+      s.unsupported.load(), s.durable_syncs.load(), s.bounced.load(), s.unaligned.load());
   if (!socket_path.empty()) ::unlink(socket_path.c_str());
   if (!r) {
     std::fprintf(stderr, "vhostkit-blk: %s\n", r.error().c_str());

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -26,6 +27,19 @@ namespace vhostkit {
 
 using namespace blk;
 
+const char* to_string(BlkCache c) {
+  return c == BlkCache::writeback ? "writeback" : "writethrough";
+}
+
+std::uint32_t online_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+    return static_cast<std::uint32_t>(CPU_COUNT(&set));
+  long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<std::uint32_t>(n) : 1;
+}
+
 const char* to_string(BlkEngine e) {
   switch (e) {
     case BlkEngine::automatic: return "auto";
@@ -37,10 +51,11 @@ const char* to_string(BlkEngine e) {
 
 namespace {
 
-constexpr std::size_t kBatch = 64;                // chains per process() call
-constexpr std::uint64_t kBounceChunk = 1u << 20;  // bounce-buffer copy unit
-constexpr std::uint32_t kHeaderBytes = 16;        // struct virtio_blk_outhdr
-constexpr std::uint32_t kRangeBytes = 16;         // struct virtio_blk_discard_write_zeroes
+constexpr std::size_t kBatch = 64;                 // chains per process() call
+constexpr std::uint64_t kBounceChunk = 1u << 20;   // bounce-buffer copy unit
+constexpr std::uint32_t kMaxDioAlign = 64 * 1024;  // larger O_DIRECT alignments are refused
+constexpr std::uint32_t kHeaderBytes = 16;         // struct virtio_blk_outhdr
+constexpr std::uint32_t kRangeBytes = 16;          // struct virtio_blk_discard_write_zeroes
 
 std::uint32_t le32(const std::uint8_t* p) {
   std::uint32_t v;
@@ -67,6 +82,15 @@ struct Pending {
   std::int32_t io = -1;         // index in QueueState::ios, if I/O was submitted
   std::uint32_t first_iov = 0;  // its vector in QueueState::iovs
   std::uint64_t data_len = 0;
+  bool durable = false;  // writethrough: fails if the batch's closing fdatasync fails
+};
+
+bool is_pow2(std::uint32_t v) {
+  return v != 0 && (v & (v - 1)) == 0;
+}
+
+struct FreeDeleter {
+  void operator()(std::uint8_t* p) const { std::free(p); }
 };
 
 }  // namespace
@@ -78,7 +102,9 @@ struct BlkDevice::QueueState {
   std::vector<IoRequest> ios;
   std::vector<iovec> iovs;
   std::vector<Completion> done;
-  std::vector<std::uint8_t> scratch;  // bounce buffer, discard ranges, zeroes
+  std::vector<std::uint8_t> scratch;  // zeroes for a write-zeroes the file system refuses
+  // The bounce buffer (kBounceChunk bytes, aligned to a page or more, so O_DIRECT takes it).
+  std::unique_ptr<std::uint8_t, FreeDeleter> bounce;
   // Completions whose push met an IOTLB miss on a used-ring area (the ring's
   // translation was invalidated while the batch ran): pushed first on the next call.
   std::vector<Completion> unpushed;
@@ -90,9 +116,26 @@ BlkDevice::~BlkDevice() = default;
 
 Result<std::unique_ptr<BlkDevice>, std::string> BlkDevice::open(BlkOptions options) {
   using tl::unexpected;
+  if (options.queues == 0) options.queues = std::min<std::uint32_t>(online_cpus(), 64);
   if (options.queues < 1 || options.queues > 64)
     return unexpected(
         fmt::format("{}: queues must be 1 .. 64, not {}", options.name, options.queues));
+  if (options.workers == 0) options.workers = std::min(options.queues, online_cpus());
+  if (options.workers > options.queues)
+    return unexpected(fmt::format("{}: {} workers for {} queues (at most one per queue)",
+                                  options.name, options.workers, options.queues));
+  if (!is_pow2(options.logical_block_size) || options.logical_block_size < kSectorSize ||
+      options.logical_block_size > 4096)
+    return unexpected(fmt::format("{}: logical block size must be 512, 1024, 2048 or 4096, not {}",
+                                  options.name, options.logical_block_size));
+  if (options.physical_block_size == 0) options.physical_block_size = options.logical_block_size;
+  if (!is_pow2(options.physical_block_size) ||
+      options.physical_block_size < options.logical_block_size ||
+      options.physical_block_size > (1u << 20))
+    return unexpected(fmt::format(
+        "{}: physical block size must be a power of two from the logical block size ({}) to "
+        "1 MiB, not {}",
+        options.name, options.logical_block_size, options.physical_block_size));
   if (options.path.empty()) return unexpected(fmt::format("{}: no image path", options.name));
   if (options.queue_depth < 1 || options.queue_depth > 4096)
     return unexpected(fmt::format("{}: queue depth must be 1 .. 4096", options.name));
@@ -109,7 +152,10 @@ Result<std::unique_ptr<BlkDevice>, std::string> BlkDevice::open(BlkOptions optio
   }
   std::unique_ptr<BlkDevice> d(new BlkDevice(std::move(options)));
   BlkOptions& o = d->options_;
-  int fd = ::open(o.path.c_str(), (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  const int access = (o.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  int fd = ::open(o.path.c_str(), access | (o.direct ? O_DIRECT : 0));
+  if (fd < 0 && o.direct && errno == EINVAL)
+    return unexpected(fmt::format("{}: the file system does not support O_DIRECT", o.path));
   if (fd < 0) return unexpected(fmt::format("cannot open {}: {}", o.path, std::strerror(errno)));
   d->fd_.reset(fd);
   struct stat st {};
@@ -125,19 +171,47 @@ Result<std::unique_ptr<BlkDevice>, std::string> BlkDevice::open(BlkOptions optio
   } else {
     return unexpected(fmt::format("{} is neither a regular file nor a block device", o.path));
   }
-  d->capacity_ = bytes / kSectorSize;
+  if (o.direct) {
+    // What O_DIRECT needs: the kernel says (statx, Linux 6.1), else the device's logical
+    // sector size, else the page size.
+    std::uint32_t mem = 0, off = 0;
+    struct statx sx {};
+    if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
+        (sx.stx_mask & STATX_DIOALIGN) != 0) {
+      if (sx.stx_dio_offset_align == 0)
+        return unexpected(fmt::format("{}: the file system does not support O_DIRECT", o.path));
+      mem = sx.stx_dio_mem_align;
+      off = sx.stx_dio_offset_align;
+    } else if (int ss = 0; d->block_device_ && ::ioctl(fd, BLKSSZGET, &ss) == 0 && ss > 0) {
+      mem = off = static_cast<std::uint32_t>(ss);
+    } else {
+      mem = off = 4096;
+    }
+    if (!is_pow2(mem) || !is_pow2(off) || mem > kMaxDioAlign || off > kMaxDioAlign)
+      return unexpected(
+          fmt::format("{}: unusable O_DIRECT alignment (memory {}, offset {})", o.path, mem, off));
+    d->dio_mem_align_ = mem;
+    d->dio_offset_align_ = off;
+    int plain = ::open(o.path.c_str(), access);
+    if (plain < 0)
+      return unexpected(fmt::format("cannot open {}: {}", o.path, std::strerror(errno)));
+    d->buffered_fd_.reset(plain);
+  }
+  // Whole logical blocks only.
+  d->capacity_ = bytes / o.logical_block_size * (o.logical_block_size / kSectorSize);
   if (o.serial.empty()) {
     auto slash = o.path.find_last_of('/');
     o.serial = slash == std::string::npos ? o.path : o.path.substr(slash + 1);
   }
   if (o.serial.size() > kIdBytes) o.serial.resize(kIdBytes);
+  d->writeback_.store(o.cache == BlkCache::writeback, std::memory_order_relaxed);
 
   BlkEngine want = o.engine;
   d->engine_ = want == BlkEngine::sync ? BlkEngine::sync : BlkEngine::io_uring;
   for (std::uint32_t q = 0; q < o.queues; ++q) {
     auto s = std::make_unique<QueueState>();
     if (d->engine_ == BlkEngine::io_uring) {
-      auto e = make_uring_engine(fd, o.queue_depth);
+      auto e = make_uring_engine(o.queue_depth);
       if (e) {
         s->engine = std::move(*e);
       } else if (want == BlkEngine::io_uring) {
@@ -146,20 +220,24 @@ Result<std::unique_ptr<BlkDevice>, std::string> BlkDevice::open(BlkOptions optio
         log(LogLevel::warn, "{}: io_uring unavailable ({}), using synchronous I/O", o.name,
             e.error());
         d->engine_ = BlkEngine::sync;
-        for (auto& prev : d->queues_) prev->engine = make_sync_engine(fd);
+        for (auto& prev : d->queues_) prev->engine = make_sync_engine();
       }
     }
-    if (!s->engine) s->engine = make_sync_engine(fd);
+    if (!s->engine) s->engine = make_sync_engine();
     d->queues_.push_back(std::move(s));
   }
-  log(LogLevel::info, "{}: {} ({} sectors{}), {} queue(s), {} engine", o.name, o.path, d->capacity_,
-      o.read_only ? ", read-only" : "", o.queues, to_string(d->engine_));
+  log(LogLevel::info,
+      "{}: {} ({} sectors{}), {} queue(s) on {} worker(s), {} engine, {}{}, blocks {}/{}", o.name,
+      o.path, d->capacity_, o.read_only ? ", read-only" : "", o.queues, o.workers,
+      to_string(d->engine_), to_string(o.cache), o.direct ? ", O_DIRECT" : "", o.logical_block_size,
+      o.physical_block_size);
   return d;
 }
 
 std::uint64_t BlkDevice::device_features() const {
   std::uint64_t f = virtio::bit(kFSizeMax) | virtio::bit(kFSegMax) | virtio::bit(kFBlkSize) |
-                    virtio::bit(kFFlush) | virtio::bit(kFMq);
+                    virtio::bit(kFTopology) | virtio::bit(kFFlush) | virtio::bit(kFConfigWce) |
+                    virtio::bit(kFMq);
   if (options_.read_only)
     f |= virtio::bit(kFRo);
   else
@@ -167,17 +245,35 @@ std::uint64_t BlkDevice::device_features() const {
   return f;
 }
 
+bool BlkDevice::writethrough() const {
+  // Without FLUSH the driver has no way to make a write durable: write through
+  // (virtio 1.2 section 5.2.5).
+  if (features_set_.load(std::memory_order_relaxed) &&
+      !(features_.load(std::memory_order_relaxed) & virtio::bit(kFFlush)))
+    return true;
+  return !writeback_.load(std::memory_order_relaxed);
+}
+
 std::vector<std::uint8_t> BlkDevice::config() const {
   std::vector<std::uint8_t> cfg(kConfigSize, 0);
+  const std::uint32_t lbs = options_.logical_block_size;
+  const std::uint32_t pbs = options_.physical_block_size;
   put<std::uint64_t>(cfg, kCfgCapacity, capacity_);
   put<std::uint32_t>(cfg, kCfgSizeMax, options_.size_max);
   put<std::uint32_t>(cfg, kCfgSegMax, options_.seg_max);
-  put<std::uint32_t>(cfg, kCfgBlkSize, static_cast<std::uint32_t>(kSectorSize));
+  put<std::uint32_t>(cfg, kCfgBlkSize, lbs);
+  cfg[kCfgPhysicalBlockExp] = static_cast<std::uint8_t>(__builtin_ctz(pbs / lbs));
+  cfg[kCfgAlignmentOffset] = 0;
+  put<std::uint16_t>(cfg, kCfgMinIoSize, static_cast<std::uint16_t>(std::min(pbs / lbs, 0xffffu)));
+  put<std::uint32_t>(cfg, kCfgOptIoSize, 0);
+  cfg[kCfgWriteback] = writethrough() ? 0 : 1;
   put<std::uint16_t>(cfg, kCfgNumQueues, static_cast<std::uint16_t>(options_.queues));
   if (!options_.read_only) {
+    // Limits and alignment in 512-byte sectors (the unit of the discard fields).
     put<std::uint32_t>(cfg, kCfgMaxDiscardSectors, options_.max_discard_sectors);
     put<std::uint32_t>(cfg, kCfgMaxDiscardSeg, options_.max_discard_seg);
-    put<std::uint32_t>(cfg, kCfgDiscardAlign, 8);  // 4 KiB: the page the host punches
+    put<std::uint32_t>(cfg, kCfgDiscardAlign,
+                       std::max<std::uint32_t>(8, pbs / kSectorSize));  // the host punches pages
     put<std::uint32_t>(cfg, kCfgMaxWriteZeroesSectors, options_.max_write_zeroes_sectors);
     put<std::uint32_t>(cfg, kCfgMaxWriteZeroesSeg, options_.max_write_zeroes_seg);
     cfg[kCfgWriteZeroesMayUnmap] = 1;
@@ -185,20 +281,47 @@ std::vector<std::uint8_t> BlkDevice::config() const {
   return cfg;
 }
 
+bool BlkDevice::set_config(std::uint32_t offset, std::span<const std::uint8_t> data) {
+  // The only writable field is writeback (virtio 1.2 section 5.2.4), and only with
+  // CONFIG_WCE; QEMU writes exactly that byte.
+  const bool wce = features_set_.load(std::memory_order_relaxed) &&
+                   (features_.load(std::memory_order_relaxed) & virtio::bit(kFConfigWce)) != 0;
+  if (!wce || offset != kCfgWriteback || data.size() != 1 || data[0] > 1) {
+    log(LogLevel::warn, "{}: config write of {} bytes at {} refused{}", options_.name, data.size(),
+        offset, wce ? "" : " (CONFIG_WCE not negotiated)");
+    return false;
+  }
+  writeback_.store(data[0] == 1, std::memory_order_relaxed);
+  log(LogLevel::info, "{}: the driver set the cache to {}", options_.name,
+      data[0] == 1 ? "writeback" : "writethrough");
+  return true;
+}
+
 void BlkDevice::set_features(std::uint64_t features) {
   features_.store(features, std::memory_order_relaxed);
+  features_set_.store(true, std::memory_order_relaxed);
 }
 
 void BlkDevice::reset() {
   features_.store(0, std::memory_order_relaxed);
+  features_set_.store(false, std::memory_order_relaxed);
+  writeback_.store(options_.cache == BlkCache::writeback, std::memory_order_relaxed);
 }
 
 namespace {
 
-// Checks [sector, sector + bytes / 512) against the capacity, overflow-safe.
-bool in_range(std::uint64_t sector, std::uint64_t bytes, std::uint64_t capacity) {
-  if (bytes % kSectorSize != 0) return false;
+// Checks [sector, sector + bytes / 512) against the capacity, overflow-safe, and that
+// both ends fall on logical blocks (lbs bytes).
+bool in_range(std::uint64_t sector, std::uint64_t bytes, std::uint64_t capacity,
+              std::uint32_t lbs) {
+  if (bytes % lbs != 0 || sector % (lbs / kSectorSize) != 0) return false;
   return sector <= capacity && bytes / kSectorSize <= capacity - sector;
+}
+
+bool iovs_aligned(std::span<const iovec> v, std::uint32_t align) {
+  for (const iovec& i : v)
+    if ((reinterpret_cast<std::uintptr_t>(i.iov_base) | i.iov_len) & (align - 1)) return false;
+  return true;
 }
 
 // Appends the [skip, skip + len) part of segs as iovecs; returns how many, or -1 if the
@@ -274,6 +397,12 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
 
   const std::uint64_t feats = features_.load(std::memory_order_relaxed);
   const int fd = fd_.get();
+  // Without O_DIRECT, the one descriptor; with it, the buffered one (unaligned requests,
+  // zeroes written by hand).
+  const int plain_fd = options_.direct ? buffered_fd_.get() : fd;
+  const std::uint32_t lbs = options_.logical_block_size;
+  const bool writethrough_now = writethrough();
+  bool needs_sync = false;  // writethrough: something in this batch must be made durable
   s.pending.clear();
   s.ios.clear();
   s.iovs.clear();
@@ -317,11 +446,20 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
           break;
         }
         p.data_len = in ? status_off : c.readable_len - kHeaderBytes;
-        if (!in_range(sector, p.data_len, capacity_)) {
+        if (!in_range(sector, p.data_len, capacity_, lbs)) {
           p.status = kSIoErr;
           break;
         }
         if (p.data_len == 0) break;
+        p.durable = !in && writethrough_now;
+        needs_sync |= p.durable;
+        const std::uint64_t off = sector * kSectorSize;
+        // O_DIRECT needs the offset and length aligned; an unaligned request (a logical
+        // block size below the file's alignment) goes through the page cache instead.
+        bool buffered =
+            !options_.direct || off % dio_offset_align_ != 0 || p.data_len % dio_offset_align_ != 0;
+        if (options_.direct && buffered) stats_.unaligned.fetch_add(1, std::memory_order_relaxed);
+        const int io_fd = buffered ? plain_fd : fd;
         p.first_iov = static_cast<std::uint32_t>(s.iovs.size());
         long n = in ? add_iovs(b.writable(c), 0, p.data_len, s.iovs)
                     : add_iovs(b.readable(c), kHeaderBytes, p.data_len, s.iovs);
@@ -330,46 +468,65 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
           p.status = kSIoErr;
           break;
         }
-        if (n > IOV_MAX) {
-          // Too many pieces for one vectored call: copy through a bounce buffer.
+        const bool misaligned =
+            !buffered && !iovs_aligned(std::span(s.iovs).subspan(p.first_iov), dio_mem_align_);
+        if (n > IOV_MAX || misaligned) {
+          // Too many pieces for one vectored call, or guest buffers O_DIRECT cannot take:
+          // copy through the (page-aligned) bounce buffer, a chunk at a time.
           s.iovs.resize(p.first_iov);
-          std::uint64_t off = 0;
+          stats_.bounced.fetch_add(1, std::memory_order_relaxed);
+          if (!s.bounce) {
+            const std::size_t align = std::max<std::size_t>(4096, dio_mem_align_);
+            s.bounce.reset(static_cast<std::uint8_t*>(std::aligned_alloc(align, kBounceChunk)));
+            if (!s.bounce) {
+              p.status = kSIoErr;
+              break;
+            }
+          }
+          std::uint64_t done = 0;
           std::int64_t rc = 0;
-          s.scratch.resize(std::min(p.data_len, kBounceChunk));
-          while (off < p.data_len && rc == 0) {
-            std::uint64_t len = std::min<std::uint64_t>(p.data_len - off, s.scratch.size());
-            auto chunk = std::span(s.scratch.data(), len);
+          while (done < p.data_len && rc == 0) {
+            std::uint64_t len = std::min<std::uint64_t>(p.data_len - done, kBounceChunk);
+            auto chunk = std::span(s.bounce.get(), len);
             iovec v{chunk.data(), len};
-            IoRequest r{in ? IoOp::read : IoOp::write, 1, &v, sector * kSectorSize + off, len, 0};
+            IoRequest r{in ? IoOp::read : IoOp::write, io_fd, 1, &v, off + done, len, buffered, 0};
             if (!in)
-              (void)vq.read_chain(b, c, static_cast<std::uint32_t>(kHeaderBytes + off), chunk);
-            std::int64_t got = finish_sync(fd, r, 0);
+              (void)vq.read_chain(b, c, static_cast<std::uint32_t>(kHeaderBytes + done), chunk);
+            std::int64_t got = finish_sync(r, 0);
             if (got != static_cast<std::int64_t>(len)) {
               rc = got < 0 ? got : -EIO;
               break;
             }
             if (in) {
-              auto wr = vq.write_chain(b, c, static_cast<std::uint32_t>(off), chunk);
+              auto wr = vq.write_chain(b, c, static_cast<std::uint32_t>(done), chunk);
               if (!wr) {
                 w.error = wr.error();
                 return w;
               }
             }
-            off += len;
+            done += len;
           }
           p.status = rc == 0 ? kSOk : kSIoErr;
           if (in && rc == 0) p.written = static_cast<std::uint32_t>(p.data_len);
-          if (rc == 0) (in ? stats_.reads : stats_.writes).fetch_add(1, std::memory_order_relaxed);
+          if (rc == 0) {
+            if (in) {
+              stats_.reads.fetch_add(1, std::memory_order_relaxed);
+              stats_.bytes_read.fetch_add(p.data_len, std::memory_order_relaxed);
+            } else {
+              stats_.writes.fetch_add(1, std::memory_order_relaxed);
+              stats_.bytes_written.fetch_add(p.data_len, std::memory_order_relaxed);
+            }
+          }
           break;
         }
         p.io = static_cast<std::int32_t>(s.ios.size());
-        s.ios.push_back(IoRequest{in ? IoOp::read : IoOp::write, static_cast<int>(n), nullptr,
-                                  sector * kSectorSize, p.data_len, 0});
+        s.ios.push_back(IoRequest{in ? IoOp::read : IoOp::write, io_fd, static_cast<int>(n),
+                                  nullptr, off, p.data_len, buffered, 0});
         break;
       }
       case kTFlush:
         p.io = static_cast<std::int32_t>(s.ios.size());
-        s.ios.push_back(IoRequest{IoOp::flush, 0, nullptr, 0, 0, 0});
+        s.ios.push_back(IoRequest{IoOp::flush, fd, 0, nullptr, 0, 0, true, 0});
         break;
       case kTGetId: {
         std::uint8_t id[kIdBytes] = {};
@@ -416,9 +573,11 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
           if ((discard && flags != 0) || (!discard && (flags & ~kWriteZeroesFlagUnmap) != 0))
             p.status = kSUnsupp;
           else if (count > max_sectors ||
-                   !in_range(rs, std::uint64_t{count} * kSectorSize, capacity_))
+                   !in_range(rs, std::uint64_t{count} * kSectorSize, capacity_, lbs))
             p.status = kSIoErr;
         }
+        p.durable = writethrough_now && p.status == kSOk;
+        needs_sync |= p.durable;
         for (std::uint64_t r = 0; r < payload && p.status == kSOk; r += kRangeBytes) {
           std::uint64_t off = le64(&ranges[r]) * kSectorSize;
           std::uint64_t len = std::uint64_t{le32(&ranges[r + 8])} * kSectorSize;
@@ -437,7 +596,7 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
           }
           if (rc != 0 && discard) rc = 0;  // discard is a hint: the data may stay
           if (rc == -EOPNOTSUPP || rc == -ENOTTY || rc == -EINVAL)
-            rc = zero_fill(fd, off, len, s.scratch);
+            rc = zero_fill(plain_fd, off, len, s.scratch);
           if (rc != 0) p.status = kSIoErr;
         }
         break;
@@ -451,7 +610,20 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
   for (Pending& p : s.pending)
     if (p.io >= 0 && s.ios[static_cast<std::size_t>(p.io)].op != IoOp::flush)
       s.ios[static_cast<std::size_t>(p.io)].iov = s.iovs.data() + p.first_iov;
+  // Writethrough: one fdatasync after everything the batch wrote, before any of it
+  // completes (it runs after them: the last request, and a flush follows what precedes).
+  std::int32_t durable_sync = -1;
+  if (needs_sync) {
+    durable_sync = static_cast<std::int32_t>(s.ios.size());
+    s.ios.push_back(IoRequest{IoOp::flush, fd, 0, nullptr, 0, 0, true, 0});
+    stats_.durable_syncs.fetch_add(1, std::memory_order_relaxed);
+  }
   if (!s.ios.empty()) s.engine->run(s.ios);
+  const bool durable_failed =
+      durable_sync >= 0 && s.ios[static_cast<std::size_t>(durable_sync)].result != 0;
+  if (durable_failed)
+    log(LogLevel::warn, "{} queue {}: fdatasync after the batch's writes failed: {}", options_.name,
+        q, std::strerror(static_cast<int>(-s.ios[static_cast<std::size_t>(durable_sync)].result)));
 
   for (Pending& p : s.pending) {
     const DescChain& c = b[p.chain];
@@ -491,6 +663,7 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
             r.result < 0 ? std::strerror(static_cast<int>(-r.result)) : "short transfer");
       }
     }
+    if (p.durable && durable_failed) p.status = kSIoErr;
     std::uint32_t len = 0;
     if (p.has_status) {
       if (p.status == kSIoErr) stats_.errors.fetch_add(1, std::memory_order_relaxed);

@@ -3,6 +3,8 @@
 // request type, every malformed request, read-only, both I/O engines, several queues,
 // the IOMMU on, dirty logging of data the device writes.
 #include <fcntl.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -63,12 +65,46 @@ struct Image {
   }
 };
 
+// A loop block device over an image, with the given logical sector size (needs root and
+// /dev/loop-control; valid() is false without them).
+struct LoopDevice {
+  std::string path;
+  UniqueFd fd;
+  LoopDevice(const std::string& image, std::uint32_t sector_size) {
+    UniqueFd ctl(::open("/dev/loop-control", O_RDWR | O_CLOEXEC));
+    UniqueFd backing(::open(image.c_str(), O_RDWR | O_CLOEXEC));
+    if (!ctl.valid() || !backing.valid()) return;
+    // Another test (another worktree) may take the free device first: try again.
+    for (int attempt = 0; attempt < 5 && path.empty(); ++attempt) {
+      int n = ::ioctl(ctl.get(), LOOP_CTL_GET_FREE);
+      if (n < 0) return;
+      std::string p = "/dev/loop" + std::to_string(n);
+      UniqueFd dev(::open(p.c_str(), O_RDWR | O_CLOEXEC));
+      if (!dev.valid()) continue;
+      loop_config c{};
+      c.fd = static_cast<std::uint32_t>(backing.get());
+      c.block_size = sector_size;
+      c.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+      if (::ioctl(dev.get(), LOOP_CONFIGURE, &c) != 0) continue;
+      path = p;
+      fd = std::move(dev);  // held open: AUTOCLEAR detaches the device when the last closes
+    }
+  }
+  [[nodiscard]] bool valid() const { return !path.empty(); }
+};
+
 struct RigConfig {
   BlkEngine engine = BlkEngine::io_uring;
   bool read_only = false;
   std::uint32_t queues = 1;
   bool iommu = false;
   bool packed = false;
+  bool direct = false;
+  BlkCache cache = BlkCache::writeback;
+  std::uint32_t logical_block_size = 512;
+  std::uint32_t physical_block_size = 0;
+  std::string path = {};  // serve this instead of the rig's image (a block device)
+  std::uint64_t blk_features = BlkFrontendOptions{}.blk_features;
 };
 
 struct Rig {
@@ -80,10 +116,14 @@ struct Rig {
 
   explicit Rig(RigConfig c) {
     BlkOptions o;
-    o.path = image.path;
+    o.path = c.path.empty() ? image.path : c.path;
     o.read_only = c.read_only;
     o.queues = c.queues;
     o.engine = c.engine;
+    o.direct = c.direct;
+    o.cache = c.cache;
+    o.logical_block_size = c.logical_block_size;
+    o.physical_block_size = c.physical_block_size;
     o.serial = "vhostkit-serial-0001";
     auto d = BlkDevice::open(o);
     if (!d) {
@@ -99,6 +139,7 @@ struct Rig {
     fo.queues = c.queues;
     fo.iommu = c.iommu;
     fo.packed = c.packed;
+    fo.blk_features = c.blk_features;
     fe = std::make_unique<BlkFrontend>(frontend::FrontendClient::adopt(UniqueFd(sv[1])), fo);
     auto s = fe->start();
     EXPECT_TRUE(s.has_value()) << s.error();
@@ -465,6 +506,176 @@ TEST_P(BlkEngines, ReadsIntoGuestMemoryAreDirtyLogged) {
   for (std::uint64_t p = 0; p < 4; ++p) EXPECT_TRUE(log->test(aligned.value / 4096 + p)) << p;
 }
 
+// SET_CONFIG over the socket (REPLY_ACK): true if the back-end accepted it.
+bool set_config(Rig& rig, std::uint32_t offset, std::vector<std::uint8_t> bytes) {
+  auto m = vhost_user::make_config(vhost_user::FrontendRequest::set_config, offset, 0, bytes);
+  return m.has_value() && rig.fe->client().request_ack(std::move(*m)).has_value();
+}
+
+TEST_P(BlkEngines, BlockSizesAndTopology) {
+  // 4 KiB logical blocks on 16 KiB physical ones: the config says so, the capacity is
+  // whole logical blocks, and a request not on logical blocks fails.
+  Image odd(kImageBytes + 3 * 512);  // three sectors past the last whole 4 KiB block
+  Rig rig({.engine = GetParam(),
+           .logical_block_size = 4096,
+           .physical_block_size = 16384,
+           .path = odd.path});
+  ASSERT_TRUE(rig.device);
+  EXPECT_TRUE(rig.fe->features() & virtio::bit(kFTopology));
+  auto cfg = rig.device->config();
+  std::uint64_t cap;
+  std::uint32_t blk_size, discard_align;
+  std::uint16_t min_io;
+  std::memcpy(&cap, &cfg[kCfgCapacity], 8);
+  std::memcpy(&blk_size, &cfg[kCfgBlkSize], 4);
+  std::memcpy(&min_io, &cfg[kCfgMinIoSize], 2);
+  std::memcpy(&discard_align, &cfg[kCfgDiscardAlign], 4);
+  EXPECT_EQ(cap, kSectors);
+  EXPECT_EQ(blk_size, 4096u);
+  EXPECT_EQ(cfg[kCfgPhysicalBlockExp], 2);  // 16 KiB = 4 KiB << 2
+  EXPECT_EQ(cfg[kCfgAlignmentOffset], 0);
+  EXPECT_EQ(min_io, 4);           // one physical block, in logical blocks
+  EXPECT_EQ(discard_align, 32u);  // 16 KiB in sectors
+  auto data = pattern(8192, 21);
+  EXPECT_EQ(rig.req(kTOut, 8, data).status, kSOk);
+  EXPECT_EQ(rig.req(kTIn, 8, {}, 8192).in, data);
+  EXPECT_EQ(rig.req(kTOut, 9, data).status, kSIoErr);               // not on a 4 KiB block
+  EXPECT_EQ(rig.req(kTOut, 16, pattern(512, 22)).status, kSIoErr);  // a partial block
+  EXPECT_EQ(rig.req(kTIn, 1, {}, 4096).status, kSIoErr);
+  EXPECT_EQ(rig.req(kTIn, kSectors - 8, {}, 4096).status, kSOk);  // the last whole block
+  EXPECT_EQ(rig.req(kTIn, kSectors, {}, 4096).status, kSIoErr);   // the partial one
+  EXPECT_EQ(rig.req(kTDiscard, 0, range(4, 8, 0)).status, kSIoErr);
+  EXPECT_EQ(rig.req(kTWriteZeroes, 0, range(8, 4, 0)).status, kSIoErr);
+  EXPECT_EQ(rig.req(kTWriteZeroes, 0, range(8, 8, 0)).status, kSOk);
+  EXPECT_EQ(odd.read(8 * 512, 4096), std::vector<std::uint8_t>(4096, 0));
+}
+
+TEST_P(BlkEngines, CacheModeThroughConfigSpace) {
+  Rig rig({.engine = GetParam()});
+  ASSERT_TRUE(rig.device);
+  EXPECT_TRUE(rig.fe->features() & virtio::bit(kFConfigWce));
+  EXPECT_EQ(rig.device->config()[kCfgWriteback], 1);
+  EXPECT_FALSE(rig.device->writethrough());
+  auto data = pattern(4096, 23);
+  EXPECT_EQ(rig.req(kTOut, 0, data).status, kSOk);
+  EXPECT_EQ(rig.device->stats().durable_syncs.load(), 0u);
+  // The driver switches to writethrough: every batch with a write ends in an fdatasync
+  // before it completes.
+  EXPECT_TRUE(set_config(rig, kCfgWriteback, {0}));
+  EXPECT_TRUE(rig.device->writethrough());
+  EXPECT_EQ(rig.device->config()[kCfgWriteback], 0);
+  EXPECT_EQ(rig.req(kTOut, 8, data).status, kSOk);
+  EXPECT_EQ(rig.device->stats().durable_syncs.load(), 1u);
+  EXPECT_EQ(rig.req(kTWriteZeroes, 0, range(16, 8, 0)).status, kSOk);
+  EXPECT_EQ(rig.device->stats().durable_syncs.load(), 2u);
+  EXPECT_EQ(rig.req(kTIn, 8, {}, 4096).in, data);  // a read needs none
+  EXPECT_EQ(rig.device->stats().durable_syncs.load(), 2u);
+  // Hostile config writes: another field, two bytes, a value other than 0 or 1.
+  EXPECT_FALSE(set_config(rig, kCfgCapacity, {1}));
+  EXPECT_FALSE(set_config(rig, kCfgWriteback, {1, 0}));
+  EXPECT_FALSE(set_config(rig, kCfgWriteback, {2}));
+  EXPECT_FALSE(set_config(rig, kConfigSize + 100, {1}));
+  EXPECT_TRUE(rig.device->writethrough());
+  EXPECT_TRUE(set_config(rig, kCfgWriteback, {1}));
+  EXPECT_FALSE(rig.device->writethrough());
+  EXPECT_EQ(rig.req(kTOut, 8, data).status, kSOk);
+  EXPECT_EQ(rig.device->stats().durable_syncs.load(), 2u);
+}
+
+TEST_P(BlkEngines, WritethroughOptionAndDriversWithoutFlush) {
+  {
+    Rig rig({.engine = GetParam(), .cache = BlkCache::writethrough});
+    EXPECT_EQ(rig.device->config()[kCfgWriteback], 0);
+    EXPECT_EQ(rig.req(kTOut, 0, pattern(4096, 24)).status, kSOk);
+    EXPECT_EQ(rig.device->stats().durable_syncs.load(), 1u);
+  }
+  {
+    // A driver that did not take FLUSH (nor CONFIG_WCE) cannot flush: the device writes
+    // through, and the driver cannot switch the cache.
+    auto f = BlkFrontendOptions{}.blk_features & ~virtio::bit(kFFlush) & ~virtio::bit(kFConfigWce);
+    Rig rig({.engine = GetParam(), .blk_features = f});
+    EXPECT_TRUE(rig.device->writethrough());
+    EXPECT_EQ(rig.req(kTOut, 0, pattern(4096, 25)).status, kSOk);
+    EXPECT_EQ(rig.device->stats().durable_syncs.load(), 1u);
+    EXPECT_FALSE(set_config(rig, kCfgWriteback, {1}));
+  }
+}
+
+TEST_P(BlkEngines, DirectIoWithAlignedAndMisalignedBuffers) {
+  Rig rig({.engine = GetParam(), .direct = true});
+  ASSERT_TRUE(rig.device);
+  ASSERT_LE(rig.device->dio_mem_align(), 4096u);
+  const std::uint32_t len = 8192;
+  auto page = [&](std::uint64_t bytes) {
+    Gpa g = rig.fe->alloc(bytes + 8192);
+    return Gpa((g.value + 4095) & ~4095ull);
+  };
+  // Page-aligned guest buffers: straight to the file.
+  Gpa out_buf = page(len), in_buf = page(len);
+  auto d1 = pattern(len, 26);
+  std::memcpy(rig.fe->host(out_buf, len), d1.data(), len);
+  Gpa st = rig.status_byte();
+  rig.raw({{rig.header(kTOut, 64), 16, false}, {out_buf, len, false}, {st, 1, true}});
+  EXPECT_EQ(*rig.fe->host(st, 1), kSOk);
+  EXPECT_EQ(rig.image.read(64 * 512, len), d1);
+  st = rig.status_byte();
+  rig.raw({{rig.header(kTIn, 64), 16, false}, {in_buf, len, true}, {st, 1, true}});
+  EXPECT_EQ(*rig.fe->host(st, 1), kSOk);
+  EXPECT_EQ(std::vector<std::uint8_t>(rig.fe->host(in_buf, len), rig.fe->host(in_buf, len) + len),
+            d1);
+  EXPECT_EQ(rig.device->stats().bounced.load(), 0u);
+  // Guest buffers one byte off any alignment O_DIRECT takes: bounced, never an error.
+  Gpa out_odd(page(len).value + 1), in_odd(page(len).value + 1);
+  auto d2 = pattern(len, 27);
+  std::memcpy(rig.fe->host(out_odd, len), d2.data(), len);
+  st = rig.status_byte();
+  rig.raw({{rig.header(kTOut, 256), 16, false}, {out_odd, len, false}, {st, 1, true}});
+  EXPECT_EQ(*rig.fe->host(st, 1), kSOk);
+  EXPECT_EQ(rig.image.read(256 * 512, len), d2);
+  st = rig.status_byte();
+  auto u = rig.raw({{rig.header(kTIn, 256), 16, false}, {in_odd, len, true}, {st, 1, true}});
+  EXPECT_EQ(*rig.fe->host(st, 1), kSOk);
+  EXPECT_EQ(u.len, len + 1);
+  EXPECT_EQ(std::vector<std::uint8_t>(rig.fe->host(in_odd, len), rig.fe->host(in_odd, len) + len),
+            d2);
+  EXPECT_EQ(rig.device->stats().bounced.load(), 2u);
+  EXPECT_EQ(rig.device->stats().errors.load(), 0u);
+}
+
+TEST_P(BlkEngines, BlockDeviceWithDirectIo) {
+  // A loop device with 4 KiB sectors over an image: the capacity comes from
+  // BLKGETSIZE64, O_DIRECT needs 4 KiB alignment (a 512-byte request goes through the
+  // buffered descriptor instead, never an error), discard and write-zeroes use
+  // BLKDISCARD and BLKZEROOUT (the backing file gets a hole and zeros).
+  Image backing;
+  auto data = pattern(kImageBytes, 28);
+  backing.write(0, data);
+  LoopDevice loop(backing.path, 4096);
+  if (!loop.valid()) GTEST_SKIP() << "no loop device (needs root and /dev/loop-control)";
+  Rig rig({.engine = GetParam(), .direct = true, .path = loop.path});
+  ASSERT_TRUE(rig.device);
+  EXPECT_EQ(rig.device->capacity(), kSectors);
+  EXPECT_EQ(rig.device->dio_offset_align(), 4096u);
+  EXPECT_EQ(rig.req(kTIn, 8, {}, 4096).in,
+            std::vector<std::uint8_t>(data.begin() + 4096, data.begin() + 8192));
+  EXPECT_EQ(rig.device->stats().unaligned.load(), 0u);
+  auto d1 = pattern(512, 29);
+  EXPECT_EQ(rig.req(kTOut, 17, d1).status, kSOk);  // 512 bytes at 8.5 KiB
+  EXPECT_EQ(rig.req(kTIn, 16, {}, 4096).in.size(), 4096u);
+  auto back = rig.req(kTIn, 17, {}, 512);
+  EXPECT_EQ(back.status, kSOk);
+  EXPECT_EQ(back.in, d1);
+  EXPECT_EQ(rig.device->stats().unaligned.load(), 2u);
+  EXPECT_EQ(rig.req(kTFlush, 0).status, kSOk);
+  EXPECT_EQ(backing.read(17 * 512, 512), d1);
+  EXPECT_EQ(rig.req(kTDiscard, 0, range(64, 64, 0)).status, kSOk);
+  EXPECT_EQ(rig.req(kTWriteZeroes, 0, range(256, 16, 0)).status, kSOk);
+  EXPECT_EQ(rig.req(kTFlush, 0).status, kSOk);
+  EXPECT_EQ(backing.read(256 * 512, 8192), std::vector<std::uint8_t>(8192, 0));
+  EXPECT_EQ(rig.req(kTIn, 64, {}, 32768).in, std::vector<std::uint8_t>(32768, 0));
+  EXPECT_EQ(rig.device->stats().errors.load(), 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Engines, BlkEngines,
                          ::testing::Values(BlkEngine::io_uring, BlkEngine::sync),
                          [](const auto& param_info) {
@@ -481,8 +692,46 @@ TEST(BlkDevice, OpenErrors) {
   EXPECT_FALSE(BlkDevice::open(o).has_value());  // a character device
   Image img;
   o.path = img.path;
-  o.queues = 0;
+  o.queues = 65;
   EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.queues = 2;
+  o.workers = 3;  // more workers than queues
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.workers = 0;
+  for (std::uint32_t bad : {0u, 256u, 768u, 8192u}) {
+    o.logical_block_size = bad;
+    EXPECT_FALSE(BlkDevice::open(o).has_value()) << bad;
+  }
+  o.logical_block_size = 4096;
+  o.physical_block_size = 2048;  // below the logical block size
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.physical_block_size = 12288;  // not a power of two
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.physical_block_size = 2u << 20;  // above 1 MiB
+  EXPECT_FALSE(BlkDevice::open(o).has_value());
+  o.physical_block_size = 0;
+  EXPECT_TRUE(BlkDevice::open(o).has_value());
+}
+
+TEST(BlkDevice, QueuesDefaultToOnePerCpuAndShareWorkers) {
+  Image img;
+  BlkOptions o;
+  o.path = img.path;
+  auto d = BlkDevice::open(o);
+  ASSERT_TRUE(d.has_value()) << d.error();
+  EXPECT_EQ((*d)->num_queues(), std::min<std::uint32_t>(online_cpus(), 64));
+  EXPECT_EQ((*d)->options().workers, (*d)->num_queues());
+  for (std::uint32_t q = 0; q < (*d)->num_queues(); ++q) EXPECT_EQ((*d)->worker_of(q), q);
+  // Six queues on two workers: queue q on worker q % 2.
+  o.queues = 6;
+  o.workers = 2;
+  auto g = BlkDevice::open(o);
+  ASSERT_TRUE(g.has_value()) << g.error();
+  for (std::uint32_t q = 0; q < 6; ++q) EXPECT_EQ((*g)->worker_of(q), q % 2);
+  std::uint16_t nq;
+  auto cfg = (*g)->config();
+  std::memcpy(&nq, &cfg[kCfgNumQueues], 2);
+  EXPECT_EQ(nq, 6);
 }
 
 TEST(BlkDevice, EngineFromEnvironment) {
@@ -506,15 +755,15 @@ TEST(BlkIoEngine, ShortTransfersAreCompleted) {
     int fd = ::open(img.path.c_str(), O_RDWR);
     std::unique_ptr<IoEngine> e;
     if (uring) {
-      auto r = make_uring_engine(fd, 8);
+      auto r = make_uring_engine(8);
       ASSERT_TRUE(r.has_value()) << r.error();
       e = std::move(*r);
     } else {
-      e = make_sync_engine(fd);
+      e = make_sync_engine();
     }
     std::vector<std::uint8_t> buf(8192);
     iovec v[2] = {{buf.data(), 4096}, {buf.data() + 4096, 4096}};
-    IoRequest r{IoOp::read, 2, v, 0, 8192, 0};
+    IoRequest r{IoOp::read, fd, 2, v, 0, 8192, true, 0};
     e->run(std::span(&r, 1));
     EXPECT_EQ(r.result, -EIO) << e->name();
     ::close(fd);

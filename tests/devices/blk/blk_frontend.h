@@ -33,7 +33,8 @@ struct BlkFrontendOptions {
   std::uint64_t mem_bytes = 64ull << 20;
   // virtio-blk features to accept if offered (ring features are added from the above).
   std::uint64_t blk_features = virtio::bit(blk::kFSizeMax) | virtio::bit(blk::kFSegMax) |
-                               virtio::bit(blk::kFBlkSize) | virtio::bit(blk::kFFlush) |
+                               virtio::bit(blk::kFBlkSize) | virtio::bit(blk::kFTopology) |
+                               virtio::bit(blk::kFFlush) | virtio::bit(blk::kFConfigWce) |
                                virtio::bit(blk::kFMq) | virtio::bit(blk::kFDiscard) |
                                virtio::bit(blk::kFWriteZeroes) | virtio::bit(blk::kFRo);
   bool gpa_addresses = true;

@@ -77,8 +77,19 @@ def main():
         ["--socket-path", sock],  # no --blk-file
         ["--blk-file", image],  # no socket
         ["--socket-path", sock, "--fd", "3", "--blk-file", image],
-        ["--socket-path", sock, "--blk-file", image, "--queues", "0"],
-        ["--socket-path", sock, "--blk-file", image, "--queues", "two"],
+        ["--socket-path", sock, "--blk-file", image, "--num-queues", "0"],
+        ["--socket-path", sock, "--blk-file", image, "--num-queues", "two"],
+        ["--socket-path", sock, "--blk-file", image, "--num-queues", "65"],
+        ["--socket-path", sock, "--blk-file", image, "--queues", "2"],  # the old spelling
+        ["--socket-path", sock, "--blk-file", image, "--num-queues", "2", "--workers", "3"],
+        ["--socket-path", sock, "--blk-file", image, "--workers", "0"],
+        ["--socket-path", sock, "--blk-file", image, "--direct", "yes"],
+        ["--socket-path", sock, "--blk-file", image, "--cache", "none"],
+        ["--socket-path", sock, "--blk-file", image, "--logical-block-size", "1000"],
+        ["--socket-path", sock, "--blk-file", image, "--logical-block-size", "8192"],
+        ["--socket-path", sock, "--blk-file", image, "--physical-block-size", "3000"],
+        ["--socket-path", sock, "--blk-file", image, "--logical-block-size", "4096",
+         "--physical-block-size", "512"],
         ["--socket-path", sock, "--blk-file", image, "--log-level", "loud"],
         ["--socket-path", sock, "--blk-file", image, "--engine", "aio"],
         ["--socket-path", sock, "--blk-file", os.path.join(work, "missing.img")],
@@ -130,6 +141,29 @@ def main():
     fast, rc = stop_within(p, signal.SIGTERM)
     check(fast and rc == 0, f"--fd daemon exits {rc} on SIGTERM within 1 s")
     ls.close()
+
+    # Every block option at once: the daemon starts, says what it serves, and offers the
+    # queues asked for (VHOST_USER_GET_QUEUE_NUM, request 17).
+    if os.path.exists(sock):
+        os.unlink(sock)  # the --fd check's socket file
+    p = subprocess.Popen([d, "--socket-path", sock, "--blk-file", image, "--num-queues", "3",
+                          "--workers", "2", "--direct", "on", "--cache", "writethrough",
+                          "--logical-block-size", "4096", "--physical-block-size", "8192",
+                          "--serial", "vhostkit-daemon-test"], stderr=subprocess.PIPE, text=True)
+    check(wait_for(sock, p), "daemon with every block option creates its socket")
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sock)
+    c.sendall((17).to_bytes(4, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+    c.settimeout(5)
+    reply = c.recv(20)
+    check(len(reply) == 20 and int.from_bytes(reply[12:20], "little") == 3,
+          "--num-queues 3: GET_QUEUE_NUM says 3")
+    c.close()
+    fast, rc = stop_within(p, signal.SIGTERM)
+    err = p.stderr.read()
+    check(fast and rc == 0, f"daemon with every block option exits {rc} on SIGTERM")
+    check("3 queue(s) on 2 worker(s)" in err and "writethrough, O_DIRECT" in err and
+          "blocks 4096/8192" in err, "the start-up line names the options: " + err[:400])
 
     os.unlink(image)
     if os.path.exists(sock):
