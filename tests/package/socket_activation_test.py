@@ -193,7 +193,7 @@ def main():
     conf = os.path.join(work, "blk-test.conf")
     with open(conf, "w") as f:
         f.write(f"# as in share/doc/vhostkit/examples/blk-example.conf\nBLK_FILE={image}\n"
-                "BLK_OPTIONS=--queues 2 --read-only\n")
+                "BLK_OPTIONS=--num-queues 2 --read-only\n")
     serve_test("blk", blk_unit, read_env_file(conf), work)
     with open(units[3]) as f:
         net_unit = f.read()
