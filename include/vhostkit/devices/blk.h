@@ -24,6 +24,12 @@
 //                automatic (tests run both).
 //   Threading    process() of queue q runs on q's worker only and touches only q's state;
 //                counters are atomics.
+//   State        save_state() carries the config space (a load refuses a different one:
+//                the same image and options on both sides), the serial, the accepted
+//                features, the counters (BlkStats continue on a migration's destination)
+//                and, per queue, the completions still waiting for the used ring (pushed
+//                first once the queue starts again). reset() drops those completions;
+//                the counters keep counting.
 #pragma once
 
 #include <atomic>
@@ -133,13 +139,20 @@ class BlkDevice : public Device {
   [[nodiscard]] std::vector<std::uint8_t> config() const override;
   void set_features(std::uint64_t features) override;
   QueueWork process(std::uint32_t queue, Virtqueue& vq) override;
+  void queue_started(std::uint32_t queue) override;
   void reset() override;
+  [[nodiscard]] DeviceStateFormat state_format() const override { return {"virtio-blk", 1}; }
+  void save_state(DeviceStateWriter& out) const override;
+  [[nodiscard]] Result<void, std::string> load_state(const DeviceStateReader& in,
+                                                     std::uint32_t version) override;
 
   // Capacity in 512-byte sectors.
   [[nodiscard]] std::uint64_t capacity() const { return capacity_; }
   // The engine in use (never automatic).
   [[nodiscard]] BlkEngine engine() const { return engine_; }
   [[nodiscard]] const BlkStats& stats() const { return stats_; }
+  // Completions of queue q that wait for its used ring (control thread, queue stopped).
+  [[nodiscard]] std::size_t pending_completions(std::uint32_t queue) const;
 
  private:
   struct QueueState;
