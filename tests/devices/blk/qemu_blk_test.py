@@ -5,7 +5,10 @@ disk served by vhostkit-blk over an image file.
 The host fills the first MiB of the image with a known pattern; the guest checks the
 disk's size, reads that MiB back (O_DIRECT) and prints its checksum, writes its own
 pattern at 1 MiB with dd (conv=fsync: a FLUSH), syncs, reads it back with iflag=direct
-and compares. Afterwards the host checks the image file holds the guest's pattern.
+and compares. Then it unbinds virtio_blk from the device and binds it again (the driver
+resets the device: QEMU sends SET_STATUS(0), and GET_VRING_BASE, then sets the device up
+from scratch) and reads its pattern back through the re-initialised device. Afterwards
+the host checks the image file holds the guest's pattern.
 Variants: --iommu (intel-iommu with device-iotlb; the device uses IOVAs and learns them
 through IOTLB misses) and --queues N (the guest uses N queues, one per vCPU).
 Installs what it needs (QEMU, the guest kernel) through scripts/guest/build-guest.sh.
@@ -39,6 +42,13 @@ sync
 dd if=/dev/vda of=/tmp/back bs=4096 skip=256 count=256 iflag=direct 2>/dev/null || echo "GUEST-DIRECT-READ-FAILED"
 if cmp /tmp/pat /tmp/back >/dev/null; then echo "GUEST-READBACK-OK"; else echo "GUEST-READBACK-BAD"; fi
 echo "GUEST-MD5-B $(md5sum < /tmp/pat | cut -d' ' -f1)"
+dev=$(basename "$(readlink /sys/block/vda/device)")
+echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/unbind || echo "GUEST-UNBIND-FAILED"
+[ -e /sys/block/vda ] && echo "GUEST-UNBIND-KEPT-VDA"
+echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/bind || echo "GUEST-BIND-FAILED"
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 1; done
+dd if=/dev/vda of=/tmp/again bs=4096 skip=256 count=256 iflag=direct 2>/dev/null || echo "GUEST-REBIND-READ-FAILED"
+if cmp /tmp/pat /tmp/again >/dev/null; then echo "GUEST-REBIND-OK"; else echo "GUEST-REBIND-BAD"; fi
 """
 
 
@@ -129,11 +139,17 @@ def main():
         failures.append(f"guest uses {guest('GUEST-MQ')} queues, not {args.queues}")
     if guest("GUEST-MD5-A") != hashlib.md5(host_a).hexdigest():
         failures.append("the guest read back something other than the host's pattern")
-    for bad in ("GUEST-WRITE-FAILED", "GUEST-DIRECT-READ-FAILED", "GUEST-READBACK-BAD"):
+    for bad in ("GUEST-WRITE-FAILED", "GUEST-DIRECT-READ-FAILED", "GUEST-READBACK-BAD",
+                "GUEST-UNBIND-FAILED", "GUEST-UNBIND-KEPT-VDA", "GUEST-BIND-FAILED",
+                "GUEST-REBIND-READ-FAILED", "GUEST-REBIND-BAD"):
         if bad in guest_out:
             failures.append(bad)
     if "GUEST-READBACK-OK" not in guest_out:
         failures.append("the guest's read-back did not match what it wrote")
+    if "GUEST-REBIND-OK" not in guest_out:
+        failures.append("the device did not work again after the driver was rebound")
+    if ": device reset" not in log:
+        failures.append("the driver's unbind did not reset the device (no SET_STATUS(0))")
     guest_b = pattern(GUEST_LINE, MIB)
     if guest("GUEST-MD5-B") != hashlib.md5(guest_b).hexdigest():
         failures.append("the guest's pattern is not what the host expects")
