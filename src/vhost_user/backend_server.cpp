@@ -93,10 +93,6 @@ std::uint32_t vring_base(const RingState& st, bool packed) {
          ((static_cast<std::uint32_t>(st.used_idx) | (st.used_wrap ? 0x8000u : 0u)) << 16);
 }
 
-// How long CHECK_DEVICE_STATE waits for a transfer the front-end says is complete (it has
-// read to the end, or closed its end) before giving it up as failed.
-constexpr std::chrono::seconds kTransferGrace{5};
-
 }  // namespace
 
 // The server's state. Control thread only, except where a member says otherwise.
@@ -156,8 +152,9 @@ class BackendServer::Impl {
   Reply set_status(const Message& m);
   Reply set_device_state_fd(Message m);
   Reply check_device_state(const Message& m);
-  // Ends the transfer: waits for it (at most kTransferGrace) or, with cancel, stops it;
-  // for a load, loads the state into the device. Keeps the outcome for CHECK_DEVICE_STATE.
+  // Ends the transfer: waits for it (at most options_.state_transfer_grace) or, with
+  // cancel, stops it; for a load, loads the state into the device. Keeps the outcome for
+  // CHECK_DEVICE_STATE.
   Result<void, std::string> finish_transfer(bool cancel);
   Result<void, std::string> load_state(std::span<const std::uint8_t> image);
   // The first running ring, if any (a state transfer needs a suspended device).
@@ -789,11 +786,11 @@ Result<void, std::string> BackendServer::Impl::finish_transfer(bool cancel) {
   Transfer& t = *transfer_;
   if (!cancel) {
     std::unique_lock lock(t.mu);
-    if (!t.cv.wait_for(lock, kTransferGrace, [&] { return t.done; })) {
+    if (!t.cv.wait_for(lock, options_.state_transfer_grace, [&] { return t.done; })) {
       log(LogLevel::error,
-          "{}: the device state transfer did not end {} s after the front-end "
+          "{}: the device state transfer did not end {} ms after the front-end "
           "said it had",
-          device_.name(), kTransferGrace.count());
+          device_.name(), options_.state_transfer_grace.count());
       cancel = true;
     }
   }
