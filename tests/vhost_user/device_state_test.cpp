@@ -182,7 +182,8 @@ TEST(DeviceState, ManyTinyRecordsAreCheckedQuickly) {
   }
   EXPECT_EQ(refusal(forge(records)), DeviceStateErrc::duplicate);
   records.resize(records.size() - 8);
-  auto d = decode_device_state(forge(records));
+  const auto image = forge(records);  // the reader is a view of it
+  auto d = decode_device_state(image);
   ASSERT_TRUE(d.has_value());
   EXPECT_EQ(d->records.records().size(), 65536u);
 }
@@ -230,7 +231,8 @@ TEST(DeviceStateProperty, RandomRecordsRoundTripAndRandomBytesNeverCrash) {
   auto robust = rc::check("random records never crash the reader", [] {
     const auto records =
         *rc::gen::container<std::vector<std::uint8_t>>(rc::gen::arbitrary<std::uint8_t>());
-    auto d = decode_device_state(forge(records));
+    const auto image = forge(records);  // the reader is a view of it
+    auto d = decode_device_state(image);
     if (d) {
       // Whatever was accepted can be walked.
       for (const auto& r : d->records.records())

@@ -231,7 +231,8 @@ TEST(BlkDeviceState, MalformedStatesLeaveTheDeviceAsItWas) {
   s = good;
   s.config.resize(60);
   refused(s, "a shorter config space");
-  auto d = decode_device_state(blk_state(good));
+  const auto good_image = blk_state(good);  // the reader is a view of it
+  auto d = decode_device_state(good_image);
   ASSERT_TRUE(dev->load_state(d->records, 1).has_value());
   EXPECT_EQ(dev->pending_completions(0), 1u);
   EXPECT_EQ(dev->stats().reads.load(), 41u);
