@@ -11,6 +11,9 @@
 // destination back-end (progress line per round), keeps the traffic going there for --after-ms, and
 // prints
 //   VERDICT pages_compared=<n> pages_differing=<n> downtime_ms=<x>
+//   DEVICE_STATE carried=<0|1> bytes=<n>
+// (carried when both back-ends offer VHOST_USER_PROTOCOL_F_DEVICE_STATE: their own state,
+// counters for instance, goes from the source to the destination).
 // Exit status 0 only if no page differs, the rings match and frames keep arriving on the
 // destination; 1 otherwise; 2 on a usage error.
 #include <unistd.h>
@@ -292,6 +295,13 @@ int run(const Args& a) {
     }
     std::printf("differing page: gpa %#llx\n", static_cast<unsigned long long>(g.value));
   }
+  if (res->device_state_carried)
+    std::printf("device state: %llu bytes carried from source to destination\n",
+                static_cast<unsigned long long>(res->device_state_bytes));
+  else
+    std::printf("device state: not carried: %s\n", res->device_state_note.c_str());
+  std::printf("DEVICE_STATE carried=%d bytes=%llu\n", res->device_state_carried ? 1 : 0,
+              static_cast<unsigned long long>(res->device_state_bytes));
   std::printf("migration: %zu rounds, %llu pages copied, total %.3f s, comparison %.1f ms\n",
               res->iterations.size(), static_cast<unsigned long long>(res->pages_copied),
               res->total_s, res->compare_ms);

@@ -179,6 +179,11 @@ class VHOSTKIT_API Virtqueue {
   [[nodiscard]] const QueueConfig& config() const { return config_; }
   // Chains popped and not yet pushed.
   [[nodiscard]] std::uint32_t in_flight() const { return in_flight_; }
+  // Counts n chains popped before this start (by this device before the ring stopped, or
+  // by a migration's source, Device::load_state) as in flight, so that their completions
+  // can be pushed. Error not_started, or bad_completion if more chains than the ring
+  // holds would be in flight.
+  [[nodiscard]] Result<void, VirtqueueError> adopt_in_flight(std::uint32_t n);
 
   // Brackets one unit of data-path work (AddressSpace::synchronize waits for it).
   void begin_burst() { tr_.begin_burst(); }

@@ -7,12 +7,17 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include <fmt/format.h>
 
+#include "vhost_user/internal/state_stream.h"
 #include "vhostkit/log.h"
+#include "vhostkit/vhost_user/device_state.h"
 #include "vhostkit/vhost_user/socket.h"
 #include "vhostkit/virtio_spec.h"
 
@@ -112,10 +117,11 @@ Result<void, std::string> FrontendClient::negotiate(const ClientOptions& options
   auto pf = request_reply(make_request(FrontendRequest::get_protocol_features));
   if (!pf) return unexpected(pf.error());
   using F = ProtocolFeature;
-  std::uint64_t want_pf =
-      vhost_user::bit(F::mq) | vhost_user::bit(F::log_shmfd) | vhost_user::bit(F::reply_ack) |
-      vhost_user::bit(F::backend_req) | vhost_user::bit(F::config) | vhost_user::bit(F::status) |
-      vhost_user::bit(F::configure_mem_slots) | vhost_user::bit(F::reset_device);
+  std::uint64_t want_pf = vhost_user::bit(F::mq) | vhost_user::bit(F::log_shmfd) |
+                          vhost_user::bit(F::reply_ack) | vhost_user::bit(F::backend_req) |
+                          vhost_user::bit(F::config) | vhost_user::bit(F::status) |
+                          vhost_user::bit(F::configure_mem_slots) |
+                          vhost_user::bit(F::reset_device) | vhost_user::bit(F::device_state);
   if (options.want_gpa_addresses) want_pf |= vhost_user::bit(F::gpa_addresses);
   const std::uint64_t chosen_pf = *decode_u64(*pf) & want_pf;
   if (auto w = send(make_request(FrontendRequest::set_protocol_features, chosen_pf)); !w) return w;
@@ -240,6 +246,96 @@ Result<std::uint32_t, std::string> FrontendClient::stop_queue(std::uint32_t inde
   auto s = decode_payload<VringState>(*r);
   if (!s) return unexpected(s.error().message());
   return s->num;
+}
+
+bool FrontendClient::device_state() const {
+  return negotiated().has(ProtocolFeature::device_state);
+}
+
+namespace {
+// How long a device state transfer may stall before the client gives up on the back-end.
+constexpr std::chrono::milliseconds kStateTimeout{30000};
+
+// SET_DEVICE_STATE_FD's reply: the back-end's own channel if it returned one, else `ours`.
+Result<UniqueFd, std::string> transfer_channel(Message& reply, UniqueFd ours) {
+  auto v = decode_u64(reply);
+  if (!v) return unexpected(v.error().message());
+  if ((*v & 0xff) != 0)
+    return unexpected(fmt::format("back-end refused SET_DEVICE_STATE_FD (error {})", *v & 0xff));
+  if ((*v & kDeviceStateNoFdMask) != 0) return ours;
+  return std::move(reply.fds[0]);  // validate_reply: exactly one fd without the flag
+}
+}  // namespace
+
+Result<void, std::string> FrontendClient::check_device_state_locked() {
+  auto r = exchange_locked(make_request(FrontendRequest::check_device_state));
+  if (!r) return unexpected(r.error());
+  auto v = decode_u64(*r);
+  if (!v) return unexpected(v.error().message());
+  if (*v != 0)
+    return unexpected(fmt::format(
+        "CHECK_DEVICE_STATE answered {}: the back-end failed the transfer (its log says why)", *v));
+  return {};
+}
+
+Result<std::vector<std::uint8_t>, std::string> FrontendClient::save_device_state() {
+  if (!device_state())
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated"));
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) return unexpected(fmt::format("pipe: {}", std::strerror(errno)));
+  UniqueFd read_end(p[0]);
+  Message m = make_request(FrontendRequest::set_device_state_fd, DeviceStateTransfer{0, 0});
+  m.fds.emplace_back(p[1]);  // closed here once sent: the back-end holds the only write end
+  std::lock_guard lock(mu_);
+  auto reply = exchange_locked(std::move(m));
+  if (!reply) return unexpected(reply.error());
+  auto channel = transfer_channel(*reply, std::move(read_end));
+  if (!channel) return unexpected(channel.error());
+  auto state = read_state(channel->get(), kMaxDeviceStateBytes, -1, kStateTimeout);
+  channel->reset();
+  // CHECK whatever happened, so that the back-end ends its side of the transfer.
+  auto checked = check_device_state_locked();
+  if (!state) return unexpected("reading the device state: " + state.error());
+  if (!checked) return unexpected(checked.error());
+  return std::move(*state);
+}
+
+Result<void, std::string> FrontendClient::load_device_state(std::span<const std::uint8_t> state) {
+  if (!device_state())
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated"));
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) return unexpected(fmt::format("pipe: {}", std::strerror(errno)));
+  UniqueFd write_end(p[1]);
+  Message m = make_request(FrontendRequest::set_device_state_fd, DeviceStateTransfer{1, 0});
+  m.fds.emplace_back(p[0]);
+  std::lock_guard lock(mu_);
+  auto reply = exchange_locked(std::move(m));
+  if (!reply) return unexpected(reply.error());
+  auto channel = transfer_channel(*reply, std::move(write_end));
+  if (!channel) return unexpected(channel.error());
+  auto written = write_state(channel->get(), state, -1, kStateTimeout);
+  channel->reset();  // end of file: the whole state
+  auto checked = check_device_state_locked();
+  if (!written) return unexpected("writing the device state: " + written.error());
+  if (!checked) return unexpected(checked.error());
+  return {};
+}
+
+Result<void, std::string> FrontendClient::reset_device() {
+  if (!negotiated().has(ProtocolFeature::reset_device))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_RESET_DEVICE was not negotiated"));
+  return request_ack(make_request(FrontendRequest::reset_device));
+}
+
+Result<void, std::string> FrontendClient::set_status(std::uint8_t status) {
+  if (!negotiated().has(ProtocolFeature::status))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_STATUS was not negotiated"));
+  return request_ack(make_request(FrontendRequest::set_status, std::uint64_t{status}));
+}
+
+Result<void, std::string> FrontendClient::set_features(std::uint64_t features) {
+  features_ = features;
+  return request_ack(make_request(FrontendRequest::set_features, features_));
 }
 
 Result<void, std::string> FrontendClient::enable_logging(std::uint64_t bytes,

@@ -211,10 +211,21 @@ Result<MigrationResult, std::string> Migration::finish(FrontendClient& destinati
     if (!b) return unexpected(fmt::format("GET_VRING_BASE {}: {}", q, b.error()));
     bases.push_back(*b);
   }
+  MigrationResult& r = result_;
+  // The source's own state, with every ring stopped (the device is suspended).
+  std::optional<std::vector<std::uint8_t>> state;
+  if (src_.client->device_state()) {
+    auto s = src_.client->save_device_state();
+    if (!s) return unexpected("saving the source's device state: " + s.error());
+    state = std::move(*s);
+    if (opt_.on_device_state) opt_.on_device_state(*state);
+  } else {
+    r.device_state_note = "the source back-end does not offer VHOST_USER_PROTOCOL_F_DEVICE_STATE";
+  }
   MigrationIteration last = round(true);
+  last.device_state_bytes = state ? state->size() : 0;
   report(last);
 
-  MigrationResult& r = result_;
   const auto t_compare = Clock::now();
   compare(r);
   r.compare_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_compare).count();
@@ -266,6 +277,15 @@ Result<MigrationResult, std::string> Migration::finish(FrontendClient& destinati
                                   destination.features(), want));
   if (auto m = destination.set_mem_table_regions(dst_, plugged_); !m)
     return unexpected("destination SET_MEM_TABLE: " + m.error());
+  if (state && destination.device_state()) {
+    if (auto l = destination.load_device_state(*state); !l)
+      return unexpected("the destination refused the device state: " + l.error());
+    r.device_state_carried = true;
+    r.device_state_bytes = state->size();
+  } else if (state) {
+    r.device_state_note =
+        "the destination back-end does not offer VHOST_USER_PROTOCOL_F_DEVICE_STATE";
+  }
   if (src_.iommu != nullptr && destination.iommu()) destination.attach_viommu(*src_.iommu, dst_);
   for (std::size_t q = 0; q < src_.queues.size(); ++q) {
     VirtioDriver& d = *src_.queues[q];

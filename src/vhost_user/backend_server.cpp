@@ -9,16 +9,21 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <variant>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "vhost_user/internal/state_stream.h"
 #include "vhostkit/log.h"
+#include "vhostkit/vhost_user/device_state.h"
 #include "vhostkit/vhost_user/message.h"
 #include "vhostkit/vhost_user/queue_runner.h"
 #include "vhostkit/vhost_user/socket.h"
@@ -47,7 +52,9 @@ bool needs_owner(FrontendRequest r) {
     case R::set_vring_call:
     case R::set_vring_err:
     case R::set_vring_enable:
-    case R::iotlb_msg: return true;
+    case R::iotlb_msg:
+    case R::set_device_state_fd:
+    case R::check_device_state: return true;
     default: return false;
   }
 }
@@ -71,8 +78,19 @@ Message neutral_reply(const Message& m) {
       return make_reply(m, VringState{s.index, 0});
     }
     case FrontendRequest::set_log_base: return make_empty_reply(m);
+    // An error in bits 0-7, and no fd (bit 8).
+    case FrontendRequest::set_device_state_fd: return make_u64_reply(m, 1 | kDeviceStateNoFdMask);
+    case FrontendRequest::check_device_state: return make_u64_reply(m, 1);
     default: return make_u64_reply(m, 0);
   }
+}
+
+// GET_VRING_BASE's number for a stopped ring: split, the avail index; packed, the avail
+// index and wrap counter in bits 0-15, the used ones in bits 16-31.
+std::uint32_t vring_base(const RingState& st, bool packed) {
+  if (!packed) return st.avail_idx;
+  return (static_cast<std::uint32_t>(st.avail_idx) | (st.avail_wrap ? 0x8000u : 0u)) |
+         ((static_cast<std::uint32_t>(st.used_idx) | (st.used_wrap ? 0x8000u : 0u)) << 16);
 }
 
 }  // namespace
@@ -102,8 +120,13 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
     UniqueFd err;
     bool enabled = true;
     bool enable_set = false;  // SET_VRING_ENABLE received since the connection began
+    // Where a reset stopped the running ring, for a GET_VRING_BASE that follows it (QEMU
+    // 7.2 sends SET_STATUS(0) before GET_VRING_BASE); cleared once read or when the ring
+    // is set up again.
+    std::optional<std::uint32_t> stopped_at;
   };
   using Reply = Result<std::optional<Message>, std::string>;
+  struct Transfer;
 
   // Answers a message that could not be handled (malformed, or refused by a handler):
   // a REPLY_ACK failure when one was asked for, the neutral reply when the request has a
@@ -126,7 +149,19 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
   Reply set_config(const Message& m);
   Reply get_vring_base(const Message& m);
   Reply iotlb_msg(const Message& m);
+  Reply set_status(const Message& m);
+  Reply set_device_state_fd(Message m);
+  Reply check_device_state(const Message& m);
+  // Ends the transfer: waits for it (at most options_.state_transfer_grace) or, with
+  // cancel, stops it; for a load, loads the state into the device. Keeps the outcome for
+  // CHECK_DEVICE_STATE.
+  Result<void, std::string> finish_transfer(bool cancel);
+  Result<void, std::string> load_state(std::span<const std::uint8_t> image);
+  // The first running ring, if any (a state transfer needs a suspended device).
+  std::optional<std::uint32_t> running_ring() const;
+  // RESET_DEVICE, SET_STATUS(0): see reset_device_state().
   Reply reset_device();
+  void reset_device_state();
   Result<Queue*, std::string> queue(std::uint32_t index);
   Result<Iova, std::string> ring_iova(const RingAddress& a) const;
   Result<void, std::string> start_ring(std::uint32_t index, UniqueFd kick);
@@ -150,7 +185,49 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
   std::uint8_t status_ = 0;
   std::mutex backend_mu_;  // guards backend_fd_ (workers send IOTLB misses on it)
   UniqueFd backend_fd_;
+  // Device state: the transfer under way or finished but not yet checked, and the
+  // outcome of the last one finished, which CHECK_DEVICE_STATE reports.
+  std::unique_ptr<Transfer> transfer_;
+  std::optional<Result<void, std::string>> transfer_outcome_;
 };
+
+// One device state transfer (SET_DEVICE_STATE_FD): a thread of its own moves the image
+// through the front-end's fd, so that the control thread can reply first (the front-end
+// reads or writes only after the reply) and a state larger than a pipe's buffer never
+// blocks it.
+struct BackendServer::Impl::Transfer {
+  bool load = false;
+  UniqueFd fd;
+  UniqueFd cancel;                  // eventfd: makes the thread give up
+  std::vector<std::uint8_t> image;  // save: what to write; load: what was read
+  std::mutex mu;                    // guards the fields below
+  std::condition_variable cv;
+  bool done = false;
+  std::string error;  // why the transfer failed; empty if it did not
+  std::thread thread;
+
+  void run();
+  void finish(std::string why);
+};
+
+void BackendServer::Impl::Transfer::finish(std::string why) {
+  fd.reset();  // the reading end sees EOF (save); nothing more is read (load)
+  std::lock_guard lock(mu);
+  error = std::move(why);
+  done = true;
+  cv.notify_all();
+}
+
+void BackendServer::Impl::Transfer::run() {
+  constexpr std::chrono::milliseconds kNoTimeout{-1};  // cancel ends a stalled transfer
+  if (load) {
+    auto r = read_state(fd.get(), kMaxDeviceStateBytes, cancel.get(), kNoTimeout);
+    if (r) image = std::move(*r);
+    return finish(r ? std::string() : "reading the state: " + r.error());
+  }
+  auto w = write_state(fd.get(), image, cancel.get(), kNoTimeout);
+  finish(w ? std::string() : "writing the state: " + w.error());
+}
 
 BackendServer::BackendServer(Device& device, BackendOptions options)
     : impl_(std::make_unique<Impl>(device, options)) {}
@@ -199,6 +276,7 @@ BackendServer::Impl::Impl(Device& device, BackendOptions options)
 }
 
 BackendServer::Impl::~Impl() {
+  if (transfer_) (void)finish_transfer(true);
   stop_all_rings();
 }
 
@@ -216,7 +294,7 @@ std::uint64_t BackendServer::Impl::offered_protocol_features() const {
   std::uint64_t f = vhost_user::bit(F::mq) | vhost_user::bit(F::log_shmfd) |
                     vhost_user::bit(F::reply_ack) | vhost_user::bit(F::backend_req) |
                     vhost_user::bit(F::status) | vhost_user::bit(F::configure_mem_slots) |
-                    vhost_user::bit(F::reset_device);
+                    vhost_user::bit(F::reset_device) | vhost_user::bit(F::device_state);
   if (!device_.config().empty()) f |= vhost_user::bit(F::config);
   if (options_.offer_gpa_addresses) f |= vhost_user::bit(F::gpa_addresses);
   return f;
@@ -349,31 +427,20 @@ void BackendServer::Impl::stop_all_rings() {
 }
 
 void BackendServer::Impl::reset_connection() {
-  stop_all_rings();
+  reset_device_state();
   for (auto& q : queues_) {
-    q.num = 0;
-    q.addr.reset();
-    q.base = 0;
+    q.stopped_at.reset();
     q.err.reset();
-    q.enabled = true;
-    q.enable_set = false;
-    q.runner->set_call(UniqueFd());
-    q.runner->queue().reset();
   }
-  space_->set_logging(false);
   (void)space_->set_log(nullptr);
-  space_->set_iommu(false);
-  space_->iotlb_flush();
   space_->clear_memory();
   (void)space_->synchronize();
   owner_ = false;
   negotiated_ = Negotiated{};
-  status_ = 0;
   {
     std::lock_guard lock(backend_mu_);
     backend_fd_.reset();
   }
-  device_.reset();
 }
 
 Result<BackendServer::Impl::Queue*, std::string> BackendServer::Impl::queue(std::uint32_t index) {
@@ -414,14 +481,11 @@ BackendServer::Impl::Reply BackendServer::Impl::handle(Message m) {
     case R::iotlb_msg: return iotlb_msg(m);
     case R::get_config: return get_config(m);
     case R::set_config: return set_config(m);
-    case R::set_status: {
-      auto v = body<std::uint64_t>(m);
-      if (!v) return unexpected(v.error());
-      status_ = static_cast<std::uint8_t>(*v);
-      return std::nullopt;
-    }
+    case R::set_status: return set_status(m);
     case R::get_status: return make_u64_reply(m, status_);
     case R::reset_device: return reset_device();
+    case R::set_device_state_fd: return set_device_state_fd(std::move(m));
+    case R::check_device_state: return check_device_state(m);
     default: return unexpected(fmt::format("{} is not supported", to_string(m.frontend_request())));
   }
 }
@@ -554,6 +618,7 @@ BackendServer::Impl::Reply BackendServer::Impl::set_vring_base(const Message& m)
   if (!q) return unexpected(q.error());
   if ((*q)->runner->running()) return unexpected(std::string("SET_VRING_BASE on a running ring"));
   (*q)->base = s->num;
+  (*q)->stopped_at.reset();
   return std::nullopt;
 }
 
@@ -618,11 +683,164 @@ BackendServer::Impl::Reply BackendServer::Impl::set_config(const Message& m) {
 }
 
 BackendServer::Impl::Reply BackendServer::Impl::reset_device() {
-  stop_all_rings();
-  device_.reset();
-  for (auto& q : queues_) q.runner->queue().reset();
-  status_ = 0;
+  reset_device_state();
+  log(LogLevel::info, "{}: device reset", device_.name());
   return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_status(const Message& m) {
+  auto v = body<std::uint64_t>(m);
+  if (!v) return unexpected(v.error());
+  if (*v > 0xff) return unexpected(fmt::format("device status {:#x} has more than 8 bits", *v));
+  if (*v == 0) return reset_device();  // virtio: writing 0 resets the device
+  status_ = static_cast<std::uint8_t>(*v);
+  return std::nullopt;
+}
+
+// The device as a driver finds it after a reset: every ring stopped and its setup
+// forgotten (size, addresses, base, call fd, enable state), no features (so neither the
+// IOMMU nor dirty logging), an empty IOTLB, no state transfer, the device's own reset.
+// What belongs to the connection stays: ownership, protocol features, the back-end
+// channel, the memory table, the dirty log's mapping, each ring's error fd (QEMU sends
+// SET_VRING_ERR once per connection).
+void BackendServer::Impl::reset_device_state() {
+  if (transfer_) (void)finish_transfer(true);
+  transfer_outcome_.reset();
+  const bool packed = has(virtio::kFRingPacked);
+  for (auto& q : queues_) {
+    // Stopped while logging is still on: every write the ring made is in the log.
+    if (q.runner->running()) q.stopped_at = vring_base(q.runner->stop(), packed);
+    q.num = 0;
+    q.addr.reset();
+    q.base = 0;
+    q.enabled = true;
+    q.enable_set = false;
+    q.runner->set_call(UniqueFd());
+    q.runner->queue().reset();
+  }
+  negotiated_.features = 0;
+  space_->set_logging(false);
+  space_->set_iommu(false);
+  space_->iotlb_flush();
+  (void)space_->synchronize();
+  // Inflight I/O tracking forgets its records of popped chains here: they belong to the
+  // driver that was reset.
+  device_.reset();
+  status_ = 0;
+}
+
+std::optional<std::uint32_t> BackendServer::Impl::running_ring() const {
+  for (std::uint32_t i = 0; i < queues_.size(); ++i)
+    if (queues_[i].runner->running()) return i;
+  return std::nullopt;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_device_state_fd(Message m) {
+  if (!has(ProtocolFeature::device_state))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated"));
+  auto t = body<DeviceStateTransfer>(m);
+  if (!t) return unexpected(t.error());
+  if (t->direction > 1)
+    return unexpected(fmt::format("transfer direction {} (0 save, 1 load)", t->direction));
+  if (t->phase != 0)
+    return unexpected(fmt::format("transfer phase {} (only 0, stopped, is supported)", t->phase));
+  if (transfer_) {
+    bool running;
+    {
+      std::lock_guard lock(transfer_->mu);
+      running = !transfer_->done;
+    }
+    if (running) return unexpected(std::string("a device state transfer is still running"));
+  }
+  if (auto q = running_ring())
+    return unexpected(
+        fmt::format("queue {} runs: state moves only while every ring is stopped", *q));
+  // A finished transfer nobody checked is superseded.
+  if (transfer_) (void)finish_transfer(true);
+  transfer_outcome_.reset();
+  auto x = std::make_unique<Transfer>();
+  x->load = t->direction == 1;
+  x->fd = std::move(m.fds[0]);
+  x->cancel.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!x->cancel.valid()) return unexpected(fmt::format("eventfd: {}", std::strerror(errno)));
+  if (!x->load) {
+    // The state is taken now, with every ring stopped; the thread only writes it out.
+    DeviceStateWriter w;
+    device_.save_state(w);
+    auto image = encode_device_state(
+        DeviceStateHeader{device_.state_format(), static_cast<std::uint32_t>(queues_.size())}, w);
+    if (!image) return unexpected(image.error().message());
+    x->image = std::move(*image);
+    log(LogLevel::info, "{}: saving the device state ({} bytes)", device_.name(), x->image.size());
+  } else {
+    log(LogLevel::info, "{}: loading a device state", device_.name());
+  }
+  Transfer* raw = x.get();
+  x->thread = std::thread([raw] { raw->run(); });
+  transfer_ = std::move(x);
+  // Success, and no fd of our own: the front-end's channel is used.
+  return make_u64_reply(m, kDeviceStateNoFdMask);
+}
+
+Result<void, std::string> BackendServer::Impl::finish_transfer(bool cancel) {
+  Transfer& t = *transfer_;
+  if (!cancel) {
+    std::unique_lock lock(t.mu);
+    if (!t.cv.wait_for(lock, options_.state_transfer_grace, [&] { return t.done; })) {
+      log(LogLevel::error,
+          "{}: the device state transfer did not end {} ms after the front-end "
+          "said it had",
+          device_.name(), options_.state_transfer_grace.count());
+      cancel = true;
+    }
+  }
+  if (cancel) {
+    std::uint64_t one = 1;
+    (void)!::write(t.cancel.get(), &one, sizeof one);
+  }
+  t.thread.join();
+  Result<void, std::string> outcome;
+  if (!t.error.empty())
+    outcome = unexpected(fmt::format("device state {}: {}", t.load ? "load" : "save", t.error));
+  else if (t.load)
+    outcome = load_state(t.image);
+  transfer_.reset();
+  transfer_outcome_ = outcome;
+  return outcome;
+}
+
+Result<void, std::string> BackendServer::Impl::load_state(std::span<const std::uint8_t> image) {
+  auto d = decode_device_state(image);
+  if (!d) return unexpected(d.error().message());
+  const DeviceStateFormat mine = device_.state_format();
+  const DeviceStateHeader& h = d->header;
+  if (h.format.kind != mine.kind)
+    return unexpected(fmt::format("the state is of a '{}' device, this device is '{}'",
+                                  h.format.kind, mine.kind));
+  if (h.format.version > mine.version)
+    return unexpected(fmt::format("state version {} is newer than this device's {}",
+                                  h.format.version, mine.version));
+  if (h.queues != queues_.size())
+    return unexpected(
+        fmt::format("the state is of {} queues, this device has {}", h.queues, queues_.size()));
+  if (auto q = running_ring())
+    return unexpected(fmt::format("queue {} started before the state was loaded", *q));
+  if (auto r = device_.load_state(d->records, h.format.version); !r)
+    return unexpected("the device refused its state: " + r.error());
+  log(LogLevel::info, "{}: device state loaded ({} bytes, {} version {})", device_.name(),
+      image.size(), h.format.kind, h.format.version);
+  return {};
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::check_device_state(const Message& m) {
+  if (!has(ProtocolFeature::device_state))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_DEVICE_STATE was not negotiated"));
+  if (transfer_) (void)finish_transfer(false);
+  if (!transfer_outcome_) return unexpected(std::string("no device state transfer to check"));
+  Result<void, std::string> outcome = std::move(*transfer_outcome_);
+  transfer_outcome_.reset();
+  if (!outcome) return unexpected(outcome.error());
+  return make_u64_reply(m, 0);
 }
 
 Result<Iova, std::string> BackendServer::Impl::ring_iova(const RingAddress& a) const {
@@ -638,6 +856,12 @@ Result<Iova, std::string> BackendServer::Impl::ring_iova(const RingAddress& a) c
 
 Result<void, std::string> BackendServer::Impl::start_ring(std::uint32_t index, UniqueFd kick) {
   Queue& q = queues_[index];
+  // A state being loaded belongs to the device before any ring runs.
+  if (transfer_ && transfer_->load) {
+    if (auto r = finish_transfer(false); !r)
+      return unexpected(fmt::format("queue {} not started: {}", index, r.error()));
+  }
+  q.stopped_at.reset();
   if (q.num == 0 || !q.addr)
     return unexpected(fmt::format("queue {} started before SET_VRING_NUM/ADDR", index));
   QueueConfig c;
@@ -681,13 +905,12 @@ BackendServer::Impl::Reply BackendServer::Impl::get_vring_base(const Message& m)
   if (!s) return unexpected(s.error());
   auto q = queue(s->index);
   if (!q) return unexpected(q.error());
-  RingState st = (*q)->runner->stop();
   std::uint32_t num;
-  if (has(virtio::kFRingPacked)) {
-    num = (static_cast<std::uint32_t>(st.avail_idx) | (st.avail_wrap ? 0x8000u : 0u)) |
-          ((static_cast<std::uint32_t>(st.used_idx) | (st.used_wrap ? 0x8000u : 0u)) << 16);
+  if (!(*q)->runner->running() && (*q)->stopped_at) {
+    num = *(*q)->stopped_at;  // a reset stopped it (and cleared the features)
+    (*q)->stopped_at.reset();
   } else {
-    num = st.avail_idx;
+    num = vring_base((*q)->runner->stop(), has(virtio::kFRingPacked));
   }
   (*q)->base = num;
   return make_reply(m, VringState{s->index, num});

@@ -381,6 +381,14 @@ Result<PopResult, VirtqueueError> Virtqueue::pop(ChainBatch& out, std::size_t ma
   return config_.format == RingFormat::packed ? pop_packed(out, max) : pop_split(out, max);
 }
 
+Result<void, VirtqueueError> Virtqueue::adopt_in_flight(std::uint32_t n) {
+  if (!started_) return unexpected(VirtqueueError{VirtqueueErrc::not_started});
+  if (n > config_.size || in_flight_ > config_.size - n)
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_completion, n});
+  in_flight_ += n;
+  return {};
+}
+
 Result<bool, VirtqueueError> Virtqueue::push(std::span<const Completion> done) {
   if (done.empty()) return false;
   if (auto m = ensure_mapped(); !m) return unexpected(m.error());

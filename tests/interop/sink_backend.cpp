@@ -66,6 +66,41 @@ class SinkDevice : public Device {
   static constexpr std::uint64_t kNetFGuestCsum = 1ULL << 1;  // VIRTIO_NET_F_GUEST_CSUM
   static constexpr std::uint64_t kNetFGuestTso4 = 1ULL << 7;  // VIRTIO_NET_F_GUEST_TSO4
   std::uint32_t num_queues() const override { return queues_; }
+  DeviceStateFormat state_format() const override { return {"sink", 1}; }
+  void save_state(DeviceStateWriter& out) const override {
+    out.u64(1, sequence_.load());
+    DeviceStateWriter queues;
+    for (std::uint32_t q = 0; q < queues_; ++q) {
+      DeviceStateWriter one;
+      one.u64(1, chains_[q].load());
+      one.u64(2, bytes_[q].load());
+      queues.group(static_cast<std::uint16_t>(q), one);
+    }
+    out.group(2, queues);
+  }
+  Result<void, std::string> load_state(const DeviceStateReader& in, std::uint32_t) override {
+    auto fail = [](const DeviceStateError& e) { return tl::unexpected(e.message()); };
+    auto seq = in.u64(1);
+    if (!seq) return fail(seq.error());
+    auto queues = in.group(2);
+    if (!queues) return fail(queues.error());
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> counts;
+    for (std::uint32_t q = 0; q < queues_; ++q) {
+      auto one = queues->group(static_cast<std::uint16_t>(q));
+      if (!one) return fail(one.error());
+      auto c = one->u64(1);
+      auto b = one->u64(2);
+      if (!c) return fail(c.error());
+      if (!b) return fail(b.error());
+      counts.emplace_back(*c, *b);
+    }
+    sequence_.store(*seq);
+    for (std::uint32_t q = 0; q < queues_; ++q) {
+      chains_[q].store(counts[q].first);
+      bytes_[q].store(counts[q].second);
+    }
+    return {};
+  }
   QueueWork process(std::uint32_t q, Virtqueue& vq) override {
     QueueWork w;
     if (q % 2 == 0 && !source_) return w;  // receive queues: nothing to deliver

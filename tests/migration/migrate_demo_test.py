@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Runs apps/vhostkit-migrate against two sink_backend processes in source mode.
 
-Without --fault: the demo must print a VERDICT line with pages_differing=0 and exit 0.
+Without --fault: the demo must print a VERDICT line with pages_differing=0 and exit 0, and
+carry the back-ends' device state: the destination's counters go on from the source's
+(its chains_q0 at exit is at least the source's plus the frames the guest received from it).
 With --fault N: the source back-end runs with VHOSTKIT_FAULT_DROP_LOG_ONE_IN=N in its
 environment; the demo must report differing pages and exit non-zero (the proof can fail).
 """
@@ -54,6 +56,7 @@ def main():
     finally:
         for p in backends:
             p.send_signal(signal.SIGTERM)
+        stats = []
         for p in backends:
             try:
                 _, err = p.communicate(timeout=20)
@@ -61,6 +64,8 @@ def main():
                 p.kill()
                 _, err = p.communicate()
             sys.stdout.write("".join(l + "\n" for l in err.splitlines()[-3:]))
+            s = re.search(r"^STATS .*\bchains_q0=(\d+)", err, re.M)
+            stats.append(int(s.group(1)) if s else None)
     m = re.search(r"^VERDICT pages_compared=(\d+) pages_differing=(\d+) downtime_ms=([\d.]+)$",
                   r.stdout, re.M)
     if not m:
@@ -80,7 +85,22 @@ def main():
     if differing != 0 or r.returncode != 0:
         print(f"FAIL: {differing} differing pages, exit status {r.returncode}")
         return 1
-    print("PASS")
+    d = re.search(r"^DEVICE_STATE carried=(\d) bytes=(\d+)$", r.stdout, re.M)
+    after = re.search(r"^traffic: (\d+) frames on the destination", r.stdout, re.M)
+    if not d or d.group(1) != "1" or int(d.group(2)) == 0:
+        print("FAIL: the device state was not carried")
+        return 1
+    if None in stats or not after:
+        print(f"FAIL: no counters (STATS {stats}) or destination traffic line")
+        return 1
+    source, destination, received = stats[0], stats[1], int(after.group(1))
+    if destination < source + received:
+        print(f"FAIL: the destination counted {destination} chains, less than the source's "
+              f"{source} plus the {received} frames it delivered: its counters did not "
+              f"continue from the source's")
+        return 1
+    print(f"PASS (device state {d.group(2)} bytes; chains: source {source}, destination "
+          f"{destination})")
     return 0
 
 

@@ -82,6 +82,10 @@ struct RigConfig {
   std::uint64_t during = 0;   // chains that must complete while the migration iterates
   std::uint64_t after = 64;   // chains on the destination
   std::uint64_t fault_one_in = 0;
+  // Written into the source's config space (SET_CONFIG at offset 0) before the migration.
+  std::vector<std::uint8_t> config_write;
+  // Flip a byte of the device state on its way to the destination.
+  bool corrupt_state = false;
 };
 
 struct RigOutcome {
@@ -92,6 +96,9 @@ struct RigOutcome {
   std::uint64_t device_errors = 0;
   bool drained = false;
   bool destination_bases_ok = false;
+  // The destination device's chain counter and config space at the end.
+  std::uint64_t destination_chains = 0;
+  std::vector<std::uint8_t> destination_config;
   std::string state;  // the drivers' positions when the guest stopped, for failure messages
 };
 
@@ -388,6 +395,13 @@ inline RigOutcome run_migration(
     guest.notifiers.push_back(std::move(*n));
   }
   if (auto r = source.client->driver_ok(); !r) return fail(r.error());
+  if (!cfg.config_write.empty()) {
+    auto m =
+        vhost_user::make_config(vhost_user::FrontendRequest::set_config, 0, 0, cfg.config_write);
+    if (!m) return fail("config write: " + m.error().message());
+    if (auto r = source.client->request_ack(std::move(*m)); !r)
+      return fail("config write: " + r.error());
+  }
 
   guest.start();
   if (!guest.wait_completed(cfg.warmup, 20s)) return fail("no traffic before the migration");
@@ -414,6 +428,8 @@ inline RigOutcome run_migration(
   mo.on_progress = std::move(on_progress);
   mo.pause_guest = [&] { guest.pause(); };
   mo.resume_guest = [&](std::vector<RingNotifiers>& n) { guest.resume(&*dst_mem, n); };
+  if (cfg.corrupt_state)
+    mo.on_device_state = [](std::vector<std::uint8_t>& s) { s[s.size() / 2] ^= 0x01; };
   MigrationSource ms{source.client.get(),           &*src_mem, {}, &guest_log,
                      cfg.iommu ? &viommu : nullptr, plugged};
   for (auto& d : guest.drivers) ms.queues.push_back(&d);
@@ -457,6 +473,8 @@ inline RigOutcome run_migration(
   out.mismatches = guest.mismatches();
   for (auto& d : guest.drivers) out.device_errors += d.device_errors();
   out.destination_bases_ok = more;
+  out.destination_chains = destination.device.chains.load();
+  out.destination_config = destination.device.config();
   for (std::uint32_t q = 0; q < cfg.queues; ++q) {
     auto b = destination.client->stop_queue(q);
     const auto& d = guest.drivers[q];

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "migration/migration_rig.h"
+#include "vhostkit/log.h"
 
 namespace vhostkit::testing {
 namespace {
@@ -142,6 +143,47 @@ TEST(Migration, IommuWithMemoryTableChangeDuringTheMigration) {
     expect_clean(o, c);
     if (::testing::Test::HasFailure()) break;
   }
+}
+
+// The back-ends' own state travels: a config write made on the source shows on the
+// destination, and the destination's chain counter goes on from the source's, so that at
+// the end it has counted every chain the guest completed on either side.
+TEST(Migration, CarriesTheDeviceState) {
+  RigConfig c = base_config();
+  c.config_write = {0xde, 0xad, 0xbe, 0xef};
+  auto o = run_migration(c);
+  expect_clean(o, c);
+  EXPECT_TRUE(o.result->device_state_carried) << o.result->device_state_note;
+  EXPECT_GT(o.result->device_state_bytes, 0u);
+  EXPECT_EQ(o.result->iterations.back().device_state_bytes, o.result->device_state_bytes);
+  EXPECT_EQ(o.destination_config, (std::vector<std::uint8_t>{0xde, 0xad, 0xbe, 0xef, 5, 6, 7, 8}));
+  EXPECT_EQ(o.destination_chains, o.completed);
+  EXPECT_GT(o.completed, c.warmup + c.after);
+}
+
+// A state damaged on the way is refused by the destination, and the migration says so
+// instead of resuming the guest on a device without its state.
+TEST(Migration, ACorruptedDeviceStateIsRefusedAndReported) {
+  std::mutex mu;
+  std::vector<std::string> lines;
+  set_log_sink(
+      [&](LogLevel, std::string_view line) {
+        std::lock_guard lock(mu);
+        lines.emplace_back(line);
+      },
+      LogLevel::warn);
+  RigConfig c = base_config();
+  c.corrupt_state = true;
+  auto o = run_migration(c);
+  set_log_sink(nullptr);
+  EXPECT_FALSE(o.result.has_value());
+  EXPECT_NE(o.error.find("the destination refused the device state"), std::string::npos) << o.error;
+  // The destination back-end's log says why.
+  bool logged = false;
+  for (const auto& l : lines)
+    logged = logged || (l.find("destination-echo") != std::string::npos &&
+                        l.find("checksum mismatch") != std::string::npos);
+  EXPECT_TRUE(logged);
 }
 
 // The mutation check: the same migration with every N-th dirty-log write dropped in this

@@ -1,8 +1,12 @@
 // Test support: a trivial device that echoes each chain's readable bytes into its
 // writable buffers. It exercises every part of the data path (pop, read, write with
-// logging, push, notification) without device-specific logic.
+// logging, push, notification) without device-specific logic. Its state: an 8-byte
+// config space the driver may write (SET_CONFIG; back to 1..8 on reset) and the count of
+// chains echoed, both carried in its device state (kind "echo", version 1).
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <functional>
 #include <string>
@@ -21,11 +25,30 @@ class EchoDevice : public Device {
   std::string name() const override { return name_; }
   std::uint64_t device_features() const override { return 0; }
   std::uint32_t num_queues() const override { return queues_; }
-  std::vector<std::uint8_t> config() const override { return {1, 2, 3, 4, 5, 6, 7, 8}; }
+  std::vector<std::uint8_t> config() const override { return {config_.begin(), config_.end()}; }
   bool set_config(std::uint32_t offset, std::span<const std::uint8_t> data) override {
-    return offset + data.size() <= 8;
+    if (offset > config_.size() || data.size() > config_.size() - offset) return false;
+    std::copy(data.begin(), data.end(), config_.begin() + offset);
+    return true;
   }
-  void reset() override { resets.fetch_add(1); }
+  void reset() override {
+    config_ = kInitialConfig;
+    resets.fetch_add(1);
+  }
+  DeviceStateFormat state_format() const override { return {"echo", 1}; }
+  void save_state(DeviceStateWriter& out) const override {
+    out.bytes(1, config_);
+    out.u64(2, chains.load());
+  }
+  Result<void, std::string> load_state(const DeviceStateReader& in, std::uint32_t) override {
+    auto cfg = in.bytes(1, config_.size());
+    if (!cfg) return tl::unexpected(cfg.error().message());
+    auto n = in.u64(2);
+    if (!n) return tl::unexpected(n.error().message());
+    std::copy(cfg->begin(), cfg->end(), config_.begin());
+    chains.store(*n);
+    return {};
+  }
 
   QueueWork process(std::uint32_t q, Virtqueue& vq) override {
     QueueWork w;
@@ -72,6 +95,8 @@ class EchoDevice : public Device {
   std::atomic<std::uint64_t> resets{0};
 
  private:
+  static constexpr std::array<std::uint8_t, 8> kInitialConfig = {1, 2, 3, 4, 5, 6, 7, 8};
+  std::array<std::uint8_t, 8> config_ = kInitialConfig;  // control thread
   std::string name_;
   std::uint32_t queues_;
   std::vector<ChainBatch> batches_;

@@ -117,6 +117,29 @@ TEST_F(QueueTest, PopsAndPushesASimpleChain) {
   EXPECT_EQ(vq->pop(batch, 16)->popped, 0u);
 }
 
+// A chain popped before the queue (re)started (by this device before a stop, or by a
+// migration's source): adopted as in flight, its completion can be pushed; without that
+// the push is refused as a completion nobody popped. At most a ring's worth is adopted.
+TEST_F(QueueTest, ChainsPoppedBeforeTheStartAreAdoptedAsInFlight) {
+  Virtqueue idle(space, LogMode::immediate);
+  EXPECT_EQ(idle.adopt_in_flight(1).error().code, VirtqueueErrc::not_started);
+  start_split();
+  EXPECT_EQ(vq->adopt_in_flight(kSize + 1).error().code, VirtqueueErrc::bad_completion);
+  ASSERT_TRUE(vq->adopt_in_flight(kSize));
+  EXPECT_EQ(vq->adopt_in_flight(1).error().code, VirtqueueErrc::bad_completion);
+  EXPECT_EQ(vq->in_flight(), kSize);
+  start_split();  // a start forgets what was in flight
+  EXPECT_EQ(vq->in_flight(), 0u);
+  Completion owed{3, 1, 9};
+  EXPECT_FALSE(vq->push(std::span(&owed, 1)).has_value());
+  start_split();
+  ASSERT_TRUE(vq->adopt_in_flight(1));
+  ASSERT_TRUE(vq->push(std::span(&owed, 1)).has_value());
+  EXPECT_EQ(get<std::uint16_t>(kUsed + split::kUsedIdx), 1);
+  EXPECT_EQ(get<UsedElem>(kUsed + split::used_ring(0)).id, 3u);
+  EXPECT_EQ(vq->in_flight(), 0u);
+}
+
 TEST_F(QueueTest, RejectsHeadOutOfRange) {
   start_split();
   offer(kSize, 0);

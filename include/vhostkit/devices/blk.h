@@ -45,6 +45,13 @@
 //                VHOSTKIT_BLK_ENGINE=sync|io_uring overrides automatic (tests run both).
 //   Threading    process() of queue q runs on q's worker only and touches only q's state;
 //                counters and the cache mode are atomics.
+//   State        save_state() carries the config space (a load refuses a different one,
+//                but for the cache mode the driver chose, which moves with it: the same
+//                image and options on both sides), the serial, the accepted
+//                features, the counters (BlkStats continue on a migration's destination)
+//                and, per queue, the completions still waiting for the used ring (pushed
+//                first once the queue starts again). reset() drops those completions;
+//                the counters keep counting.
 #pragma once
 
 #include <atomic>
@@ -178,7 +185,12 @@ class BlkDevice : public Device {
     return queue % options_.workers;
   }
   QueueWork process(std::uint32_t queue, Virtqueue& vq) override;
+  void queue_started(std::uint32_t queue) override;
   void reset() override;
+  [[nodiscard]] DeviceStateFormat state_format() const override { return {"virtio-blk", 1}; }
+  void save_state(DeviceStateWriter& out) const override;
+  [[nodiscard]] Result<void, std::string> load_state(const DeviceStateReader& in,
+                                                     std::uint32_t version) override;
 
   // Capacity in 512-byte sectors.
   [[nodiscard]] std::uint64_t capacity() const { return capacity_; }
@@ -192,6 +204,8 @@ class BlkDevice : public Device {
   [[nodiscard]] std::uint32_t dio_mem_align() const { return dio_mem_align_; }
   [[nodiscard]] std::uint32_t dio_offset_align() const { return dio_offset_align_; }
   [[nodiscard]] const BlkStats& stats() const { return stats_; }
+  // Completions of queue q that wait for its used ring (control thread, queue stopped).
+  [[nodiscard]] std::size_t pending_completions(std::uint32_t queue) const;
 
  private:
   struct QueueState;

@@ -28,6 +28,14 @@
 //   Blocking    a receive queue with nothing to deliver, or a transmit queue whose
 //               loopback peer is full, reports QueueWork::blocked; event_fd() gives the
 //               fd that wakes it (tap fd, eventfd, timerfd for the rate limit).
+//   State       save_state() carries what the guest sees (MAC, MTU, the accepted
+//               features), the counters, each source queue's sequence number and the
+//               frames waiting for the guest (loopback frames not yet received, frames
+//               read from the tap and not yet delivered; at most 16 MiB, the rest count
+//               as dropped). A destination takes the source's MAC and MTU, and delivers
+//               the waiting frames if its mode has room for them (loopback, tap; other
+//               modes drop them, counted). reset() drops waiting frames and returns the
+//               MAC and MTU to the configured ones; counters keep counting.
 #pragma once
 
 #include <array>
@@ -96,10 +104,19 @@ class NetDevice : public Device {
   QueueWork process(std::uint32_t queue, Virtqueue& vq) override;
   [[nodiscard]] int event_fd(std::uint32_t queue) const override;
   void reset() override;
+  [[nodiscard]] DeviceStateFormat state_format() const override { return {"virtio-net", 1}; }
+  void save_state(DeviceStateWriter& out) const override;
+  [[nodiscard]] Result<void, std::string> load_state(const DeviceStateReader& in,
+                                                     std::uint32_t version) override;
 
   [[nodiscard]] const NetOptions& options() const { return options_; }
   [[nodiscard]] std::uint32_t header_len() const { return hdr_len_.load(); }
   [[nodiscard]] NetQueueStats stats(std::uint32_t queue) const;
+  // The MAC address and MTU the guest sees (the configured ones, or a migration source's).
+  [[nodiscard]] std::array<std::uint8_t, 6> mac() const { return mac_; }
+  [[nodiscard]] std::uint16_t mtu() const { return mtu_; }
+  // Frames waiting for the guest on pair p's receive queue (control thread, rings stopped).
+  [[nodiscard]] std::size_t waiting_frames(std::uint32_t pair) const;
   // The tap interface's name (tap mode), as the kernel gave it.
   [[nodiscard]] const std::string& tap_name() const { return tap_name_; }
 
@@ -123,8 +140,14 @@ class NetDevice : public Device {
   std::size_t frames_ready(std::uint32_t queue, Pair& pair, std::size_t max);
   std::span<std::uint8_t> frame(std::uint32_t queue, Pair& pair, std::size_t i);
   void frames_done(Pair& pair, std::size_t n);
+  // Drops the frames waiting for the guest (control thread, rings stopped).
+  void clear_waiting(Pair& pair);
 
   NetOptions options_;
+  // Control thread only: what the guest sees (config()) and the features it accepted.
+  std::array<std::uint8_t, 6> mac_;
+  std::uint16_t mtu_;
+  std::uint64_t features_ = 0;
   std::atomic<std::uint32_t> hdr_len_{12};
   std::atomic<bool> mrg_rxbuf_{false};
   std::string tap_name_;

@@ -17,6 +17,13 @@
 //                   boundaries, so each piece is contiguous in the client's address space.
 //   Dirty log       enable_logging() shares a memfd log (SET_LOG_BASE) and sets
 //                   VHOST_F_LOG_ALL; the log is readable through log().
+//   Device state    with VHOST_USER_PROTOCOL_F_DEVICE_STATE, save_device_state() and
+//                   load_device_state() move the back-end's own state (every ring
+//                   stopped) over a pipe: SET_DEVICE_STATE_FD, the transfer on the pipe or
+//                   on the channel the back-end returned instead, CHECK_DEVICE_STATE.
+//   Reset           reset_device() (RESET_DEVICE) or set_status(0) return the device to
+//                   its initial state; a driver then starts over with set_features(), the
+//                   memory table (kept by vhostkit's back-end) and the rings.
 #pragma once
 
 #include <atomic>
@@ -24,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -92,6 +100,21 @@ class FrontendClient {
   // GET_VRING_BASE: stops the ring and returns the back-end's state.
   [[nodiscard]] Result<std::uint32_t, std::string> stop_queue(std::uint32_t index);
 
+  // Whether VHOST_USER_PROTOCOL_F_DEVICE_STATE was negotiated.
+  [[nodiscard]] bool device_state() const;
+  // The back-end's device state (a save). REQUIRES: device_state(), every ring stopped.
+  [[nodiscard]] Result<std::vector<std::uint8_t>, std::string> save_device_state();
+  // Hands `state` (from save_device_state() of the source) to the back-end (a load); the
+  // error says why the back-end refused it. REQUIRES: device_state(), no ring started.
+  [[nodiscard]] Result<void, std::string> load_device_state(std::span<const std::uint8_t> state);
+
+  // RESET_DEVICE. REQUIRES: VHOST_USER_PROTOCOL_F_RESET_DEVICE negotiated.
+  [[nodiscard]] Result<void, std::string> reset_device();
+  // SET_STATUS (0 resets the device). REQUIRES: VHOST_USER_PROTOCOL_F_STATUS negotiated.
+  [[nodiscard]] Result<void, std::string> set_status(std::uint8_t status);
+  // SET_FEATURES with `features` (after a reset: the driver negotiates again).
+  [[nodiscard]] Result<void, std::string> set_features(std::uint64_t features);
+
   // The dirty log: a memfd of `bytes` shared with SET_LOG_BASE, then LOG_ALL on.
   [[nodiscard]] Result<void, std::string> enable_logging(std::uint64_t bytes,
                                                          std::uint64_t offset = 0);
@@ -118,6 +141,8 @@ class FrontendClient {
   explicit FrontendClient(UniqueFd socket);
   void backend_channel_loop();
   Result<void, std::string> request_ack_locked(vhost_user::Message m);
+  // CHECK_DEVICE_STATE. REQUIRES: mu_ held.
+  Result<void, std::string> check_device_state_locked();
   // Sends m and reads and validates its reply. REQUIRES: mu_ held.
   Result<vhost_user::Message, std::string> exchange_locked(vhost_user::Message m);
   [[nodiscard]] vhost_user::MemRegion region_of(const RegionSpec& s) const;

@@ -10,10 +10,11 @@
 //                   iterate()  fetch-and-clear the dirty logs, copy those pages (one
 //                              round); converged() once a round found fewer than
 //                              converge_pages dirty pages or max_iterations were run;
-//                   finish()   pause the guest, GET_VRING_BASE on every queue, the last
-//                              fetch-and-copy, the proof (below), then start the
-//                              destination (negotiate, SET_MEM_TABLE with the destination
-//                              memory, the rings from the saved bases), re-home the
+//                   finish()   pause the guest, GET_VRING_BASE on every queue, save the
+//                              source's device state, the last fetch-and-copy, the proof
+//                              (below), then start the destination (negotiate,
+//                              SET_MEM_TABLE with the destination memory, load the device
+//                              state, the rings from the saved bases), re-home the
 //                              drivers onto the destination memory and resume the guest.
 //                   run() does all of it.
 //   Two dirty logs  the device's writes are in the vhost-user log the source back-end
@@ -28,6 +29,12 @@
 //                   holds; add_region()/remove_region() send ADD_MEM_REG/REM_MEM_REG to the
 //                   source during the migration (an added region is copied whole in the
 //                   next round) and the destination gets the final table.
+//   Device state    when both back-ends negotiated VHOST_USER_PROTOCOL_F_DEVICE_STATE,
+//                   the source's own state (a net device's MAC and counters, a blk
+//                   device's pending completions) is saved once its rings stopped and
+//                   loaded into the destination before its rings start. A destination
+//                   that refuses it fails the migration: the source, stopped, keeps its
+//                   state and can be resumed.
 //   The proof       after the source stopped and the last dirty pages were copied, source
 //                   and destination RAM are compared byte for byte, page by page, over
 //                   every plugged region. Any differing page (reported by GPA) is a write
@@ -78,14 +85,15 @@ class GuestDirtyLog {
 
 // One round of the migration, as the progress callback gets it.
 struct MigrationIteration {
-  unsigned index = 0;                // 0: the bulk copy; the final round is the last
-  bool final = false;                // the stop-and-copy round
-  std::uint64_t device_dirtied = 0;  // pages found in the back-end's log
-  std::uint64_t guest_dirtied = 0;   // pages found in the guest's log
-  std::uint64_t pages_dirtied = 0;   // distinct pages of the two (0 for the bulk copy)
-  std::uint64_t pages_copied = 0;    // pages copied this round
-  double seconds = 0;                // wall time of the round
-  double throughput_mib_s = 0;       // pages_copied * 4 KiB / seconds
+  unsigned index = 0;                    // 0: the bulk copy; the final round is the last
+  bool final = false;                    // the stop-and-copy round
+  std::uint64_t device_dirtied = 0;      // pages found in the back-end's log
+  std::uint64_t guest_dirtied = 0;       // pages found in the guest's log
+  std::uint64_t pages_dirtied = 0;       // distinct pages of the two (0 for the bulk copy)
+  std::uint64_t pages_copied = 0;        // pages copied this round
+  double seconds = 0;                    // wall time of the round
+  double throughput_mib_s = 0;           // pages_copied * 4 KiB / seconds
+  std::uint64_t device_state_bytes = 0;  // final round: the source's device state saved
 };
 
 struct QueueMigrationState {
@@ -112,6 +120,11 @@ struct MigrationResult {
   double total_s = 0;     // start() .. the end of finish()
   // The destination's eventfds per queue; resume_guest gets them first and may take them.
   std::vector<RingNotifiers> notifiers;
+  // The back-ends' own state: carried from source to destination (both negotiated
+  // VHOST_USER_PROTOCOL_F_DEVICE_STATE), its size, and why it was not carried otherwise.
+  bool device_state_carried = false;
+  std::uint64_t device_state_bytes = 0;
+  std::string device_state_note;
 
   [[nodiscard]] bool ok() const { return differing_pages.empty() && rings_match; }
 };
@@ -129,6 +142,9 @@ struct MigrationOptions {
   std::function<void()> pause_guest;
   // The drivers now live in the destination memory; kick and wait on these eventfds.
   std::function<void(std::vector<RingNotifiers>& destination)> resume_guest;
+  // Called with the source's device state before it goes to the destination: where a
+  // VMM would put it in its migration stream (tests alter it here).
+  std::function<void(std::vector<std::uint8_t>& state)> on_device_state;
 };
 
 // What the source side consists of.

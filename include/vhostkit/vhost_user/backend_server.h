@@ -16,6 +16,12 @@
 //                  invalidation, logging on/off, log base) is acknowledged only after
 //                  AddressSpace::synchronize(): no worker still uses the old state.
 //                  GET_VRING_BASE stops the ring's worker before it returns the state.
+//   Device state   with every ring stopped, SET_DEVICE_STATE_FD saves the Device's state
+//                  into, or loads it from, the front-end's fd on a thread of its own;
+//                  CHECK_DEVICE_STATE reports the outcome (docs/vhost-user.md).
+//   Reset          RESET_DEVICE and SET_STATUS(0) stop and forget the rings, clear the
+//                  negotiated features (so the IOMMU and logging switches) and reset the
+//                  Device; the connection's memory table and channels stay.
 //   Hostile input  a malformed message is rejected (REPLY_ACK failure when asked for,
 //                  and a log line naming the device and request); framing errors close
 //                  the connection. Nothing a front-end sends can crash the process.
@@ -57,6 +63,9 @@ struct BackendOptions {
   bool offer_gpa_addresses = true;  // VHOST_USER_PROTOCOL_F_GPA_ADDRESSES
   bool offer_packed = true;         // VIRTIO_F_RING_PACKED
   bool offer_iommu = true;          // VIRTIO_F_ACCESS_PLATFORM
+  // CHECK_DEVICE_STATE waits this long for a device state transfer the front-end says
+  // is done (it read to the end, or closed its end) before failing it.
+  std::chrono::milliseconds state_transfer_grace{5000};
 };
 
 class VHOSTKIT_API BackendServer {

@@ -18,6 +18,16 @@
 //   Events      a device fed from outside the ring (a tap, another queue, a clock)
 //               reports QueueWork::blocked and offers event_fd(); the worker then
 //               sleeps on that fd instead of the ring's kick.
+//   State       what the device keeps beyond the protocol's own state (a MAC a driver
+//               set, counters, completions not yet pushed) travels in a live migration
+//               through save_state() / load_state() (VHOST_USER_PROTOCOL_F_DEVICE_STATE,
+//               vhostkit/vhost_user/device_state.h). Both run on the control thread while
+//               every ring is stopped. A device that keeps nothing needs neither: by
+//               default it saves no records under the kind "stateless".
+//   Reset       RESET_DEVICE, SET_STATUS(0) and a disconnect stop every ring, then call
+//               reset(): the device returns to its state right after construction (the
+//               configuration it was created with), except for statistics, which may
+//               keep counting.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +38,7 @@
 
 #include "vhostkit/export.h"
 #include "vhostkit/translate.h"
+#include "vhostkit/vhost_user/device_state.h"
 #include "vhostkit/virtqueue.h"
 
 namespace vhostkit {
@@ -76,8 +87,22 @@ class VHOSTKIT_API Device {
   virtual void queue_started(std::uint32_t /*queue*/) {}
   // A queue stopped; its worker has finished (on the control thread).
   virtual void queue_stopped(std::uint32_t /*queue*/) {}
-  // RESET_DEVICE / disconnect: forget all device state.
+  // RESET_DEVICE, SET_STATUS(0), disconnect: every ring is stopped; forget what the
+  // driver set up and what is pending (see Reset above). Control thread.
   virtual void reset() {}
+
+  // The kind and version of the state save_state() writes. A state is loaded only into a
+  // device of the same kind whose version is at least the state's.
+  [[nodiscard]] virtual DeviceStateFormat state_format() const { return {"stateless", 0}; }
+  // Writes the device's state as records. Control thread, every ring stopped.
+  virtual void save_state(DeviceStateWriter& /*out*/) const {}
+  // Replaces the device's state by one save_state() wrote (same kind, `version` no newer
+  // than state_format().version). All or nothing: on error the device is unchanged and
+  // the reason says what was refused. Control thread, every ring stopped.
+  [[nodiscard]] virtual Result<void, std::string> load_state(const DeviceStateReader& /*in*/,
+                                                             std::uint32_t /*version*/) {
+    return {};
+  }
 };
 
 }  // namespace vhostkit

@@ -108,6 +108,9 @@ struct BlkDevice::QueueState {
   // Completions whose push met an IOTLB miss on a used-ring area (the ring's
   // translation was invalidated while the batch ran): pushed first on the next call.
   std::vector<Completion> unpushed;
+  // The queue (re)started with unpushed completions its new Virtqueue did not pop: they
+  // are adopted as in flight before the first push (control thread sets, worker clears).
+  bool adopt_unpushed = false;
   bool warned_no_status = false;
 };
 
@@ -306,6 +309,146 @@ void BlkDevice::reset() {
   features_.store(0, std::memory_order_relaxed);
   features_set_.store(false, std::memory_order_relaxed);
   writeback_.store(options_.cache == BlkCache::writeback, std::memory_order_relaxed);
+  // Completions of the reset driver's requests never reach its successor's rings.
+  for (auto& q : queues_) {
+    q->unpushed.clear();
+    q->adopt_unpushed = false;
+  }
+}
+
+void BlkDevice::queue_started(std::uint32_t queue) {
+  if (queue < queues_.size()) queues_[queue]->adopt_unpushed = !queues_[queue]->unpushed.empty();
+}
+
+std::size_t BlkDevice::pending_completions(std::uint32_t queue) const {
+  return queue < queues_.size() ? queues_[queue]->unpushed.size() : 0;
+}
+
+namespace {
+// Record tags of the virtio-blk state, version 1.
+enum BlkTag : std::uint16_t {
+  kTagConfig = 1,    // bytes: the config space GET_CONFIG serves
+  kTagSerial = 2,    // text: GET_ID
+  kTagFeatures = 3,  // u64: the features the driver accepted
+  kTagStats = 4,     // group: BlkStats, tags below
+  kTagQueues = 5,    // group: per queue (tag = index) a group with kTagCompletions
+};
+enum BlkQueueTag : std::uint16_t {
+  kTagCompletions = 1,  // bytes: {id u16, ring_descs u16, len u32} little-endian each
+};
+constexpr std::size_t kCompletionBytes = 8;
+// BlkStats in record order, tags 1...
+constexpr std::atomic<std::uint64_t> BlkStats::*kStatFields[] = {
+    &BlkStats::reads,       &BlkStats::writes,        &BlkStats::flushes,
+    &BlkStats::bytes_read,  &BlkStats::bytes_written, &BlkStats::errors,
+    &BlkStats::unsupported, &BlkStats::no_status,     &BlkStats::push_deferrals};
+}  // namespace
+
+void BlkDevice::save_state(DeviceStateWriter& out) const {
+  out.bytes(kTagConfig, config());
+  out.text(kTagSerial, options_.serial);
+  out.u64(kTagFeatures, features_.load(std::memory_order_relaxed));
+  DeviceStateWriter stats;
+  for (std::uint16_t i = 0; i < std::size(kStatFields); ++i)
+    stats.u64(static_cast<std::uint16_t>(i + 1), (stats_.*kStatFields[i]).load());
+  out.group(kTagStats, stats);
+  DeviceStateWriter queues;
+  for (std::uint32_t q = 0; q < queues_.size(); ++q) {
+    std::vector<std::uint8_t> done;
+    for (const Completion& c : queues_[q]->unpushed) {
+      std::uint8_t b[kCompletionBytes];
+      std::memcpy(b, &c.id, 2);
+      std::memcpy(b + 2, &c.ring_descs, 2);
+      std::memcpy(b + 4, &c.len, 4);
+      done.insert(done.end(), b, b + kCompletionBytes);
+    }
+    DeviceStateWriter queue;
+    queue.bytes(kTagCompletions, done);
+    queues.group(static_cast<std::uint16_t>(q), queue);
+  }
+  out.group(kTagQueues, queues);
+}
+
+Result<void, std::string> BlkDevice::load_state(const DeviceStateReader& in,
+                                                std::uint32_t /*version*/) {
+  using tl::unexpected;
+  auto err = [](const DeviceStateError& e) { return unexpected(e.message()); };
+  // Everything is read and checked first; the device changes only once all of it passed.
+  auto cfg = in.bytes(kTagConfig);
+  if (!cfg) return err(cfg.error());
+  const std::vector<std::uint8_t> mine = config();
+  if (cfg->size() != mine.size())
+    return unexpected(
+        fmt::format("config space of {} bytes, this device's has {}", cfg->size(), mine.size()));
+  std::uint64_t their_capacity = le64(cfg->data() + kCfgCapacity);
+  if (their_capacity != capacity_)
+    return unexpected(
+        fmt::format("the source's disk has {} sectors, this one {}: not the same image",
+                    their_capacity, capacity_));
+  // Every field must match but the cache mode, which the source's driver may have
+  // switched (CONFIG_WCE): it moves with the state.
+  for (std::size_t i = 0; i < mine.size(); ++i)
+    if (i != kCfgWriteback && (*cfg)[i] != mine[i])
+      return unexpected(fmt::format(
+          "config space byte {} is {:#x} in the state, {:#x} here: start the destination with "
+          "the source's options",
+          i, (*cfg)[i], mine[i]));
+  if ((*cfg)[kCfgWriteback] > 1)
+    return unexpected(fmt::format("config writeback byte {:#x}", (*cfg)[kCfgWriteback]));
+  auto serial = in.text(kTagSerial);
+  if (!serial) return err(serial.error());
+  if (serial->size() > kIdBytes)
+    return unexpected(fmt::format("serial of {} bytes (at most {})", serial->size(), kIdBytes));
+  auto features = in.u64(kTagFeatures);
+  if (!features) return err(features.error());
+  // Transport bits are the server's; the device-type bits must all be ours.
+  const std::uint64_t device_bits = *features & ((std::uint64_t{1} << 24) - 1);
+  if ((device_bits & ~device_features()) != 0)
+    return unexpected(fmt::format("the driver accepted features {:#x} this device does not offer",
+                                  device_bits & ~device_features()));
+  auto stats = in.group(kTagStats);
+  if (!stats) return err(stats.error());
+  std::uint64_t counts[std::size(kStatFields)];
+  for (std::uint16_t i = 0; i < std::size(kStatFields); ++i) {
+    auto v = stats->u64(static_cast<std::uint16_t>(i + 1));
+    if (!v) return err(v.error());
+    counts[i] = *v;
+  }
+  auto queues = in.group(kTagQueues);
+  if (!queues) return err(queues.error());
+  if (queues->records().size() != queues_.size())
+    return unexpected(fmt::format("state of {} queues, this device has {}",
+                                  queues->records().size(), queues_.size()));
+  std::vector<std::vector<Completion>> pending(queues_.size());
+  for (std::uint32_t q = 0; q < queues_.size(); ++q) {
+    auto queue = queues->group(static_cast<std::uint16_t>(q));
+    if (!queue) return err(queue.error());
+    auto done = queue->bytes(kTagCompletions);
+    if (!done) return err(done.error());
+    if (done->size() % kCompletionBytes != 0 ||
+        done->size() / kCompletionBytes > virtio::kMaxQueueSize)
+      return unexpected(fmt::format("queue {}: {} bytes of completions", q, done->size()));
+    for (std::size_t off = 0; off < done->size(); off += kCompletionBytes) {
+      Completion c;
+      std::memcpy(&c.id, done->data() + off, 2);
+      std::memcpy(&c.ring_descs, done->data() + off + 2, 2);
+      std::memcpy(&c.len, done->data() + off + 4, 4);
+      if (c.ring_descs == 0)
+        return unexpected(fmt::format("queue {}: a completion of 0 descriptors", q));
+      pending[q].push_back(c);
+    }
+  }
+  options_.serial = std::string(*serial);
+  features_.store(*features, std::memory_order_relaxed);
+  features_set_.store(*features != 0, std::memory_order_relaxed);
+  writeback_.store((*cfg)[kCfgWriteback] == 1, std::memory_order_relaxed);
+  for (std::uint16_t i = 0; i < std::size(kStatFields); ++i)
+    (stats_.*kStatFields[i]).store(counts[i]);
+  for (std::uint32_t q = 0; q < queues_.size(); ++q) {
+    queues_[q]->unpushed = std::move(pending[q]);
+    queues_[q]->adopt_unpushed = false;
+  }
+  return {};
 }
 
 namespace {
@@ -371,6 +514,13 @@ QueueWork BlkDevice::process(std::uint32_t q, Virtqueue& vq) {
   QueueWork w;
   if (q >= queues_.size()) return w;
   QueueState& s = *queues_[q];
+  if (s.adopt_unpushed) {
+    s.adopt_unpushed = false;
+    if (auto a = vq.adopt_in_flight(static_cast<std::uint32_t>(s.unpushed.size())); !a) {
+      w.error = a.error();
+      return w;
+    }
+  }
   if (!s.unpushed.empty()) {
     auto n = vq.push(s.unpushed);
     if (!n) {

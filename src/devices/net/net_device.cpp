@@ -118,7 +118,8 @@ struct NetDevice::Pair {
   UniqueFd tx_event;                            // receive -> transmit: room made
 };
 
-NetDevice::NetDevice(NetOptions options) : options_(std::move(options)) {}
+NetDevice::NetDevice(NetOptions options)
+    : options_(std::move(options)), mac_(options_.mac), mtu_(options_.mtu) {}
 NetDevice::~NetDevice() = default;
 
 Result<std::unique_ptr<NetDevice>, std::string> NetDevice::create(NetOptions options) {
@@ -197,14 +198,15 @@ std::uint64_t NetDevice::device_features() const {
 
 std::vector<std::uint8_t> NetDevice::config() const {
   std::vector<std::uint8_t> c(12, 0);
-  std::copy(options_.mac.begin(), options_.mac.end(), c.begin());
+  std::copy(mac_.begin(), mac_.end(), c.begin());
   put_le16(&c[6], kNetSLinkUp);
   put_le16(&c[8], static_cast<std::uint16_t>(options_.queue_pairs));
-  put_le16(&c[10], options_.mtu);
+  put_le16(&c[10], mtu_);
   return c;
 }
 
 void NetDevice::set_features(std::uint64_t features) {
+  features_ = features;
   bool mrg = (features >> kNetFMrgRxbuf) & 1;
   bool v1 = (features >> kFVersion1) & 1;
   mrg_rxbuf_.store(mrg);
@@ -223,13 +225,200 @@ int NetDevice::event_fd(std::uint32_t queue) const {
   return -1;
 }
 
+void NetDevice::clear_waiting(Pair& p) {
+  p.head.store(0);
+  p.tail.store(0);
+  p.pending_head = p.pending_count = 0;
+  // A tap slot holding a frame was cut to the frame's size: reads go to full-size slots.
+  for (auto& b : p.pending) b.resize(kHdrRoom + kMaxFrame);
+}
+
 void NetDevice::reset() {
   for (auto& p : pairs_) {
-    p->head.store(0);
-    p->tail.store(0);
-    p->pending_head = p->pending_count = 0;
+    clear_waiting(*p);
     p->started = false;
   }
+  mac_ = options_.mac;
+  mtu_ = options_.mtu;
+  features_ = 0;
+}
+
+std::size_t NetDevice::waiting_frames(std::uint32_t pair) const {
+  const Pair& p = *pairs_.at(pair);
+  switch (options_.mode) {
+    case NetMode::loopback: return p.tail.load() - p.head.load();
+    case NetMode::tap: return p.pending_count;
+    case NetMode::sink:
+    case NetMode::source: break;
+  }
+  return 0;
+}
+
+namespace {
+// Record tags of the virtio-net state, version 1.
+enum NetTag : std::uint16_t {
+  kTagMac = 1,         // bytes[6]
+  kTagMtu = 2,         // u64
+  kTagFeatures = 3,    // u64: the features the driver accepted
+  kTagQueuePairs = 4,  // u64
+  kTagQueues = 5,      // group: per queue (tag = index) a group of kTagPackets...
+  kTagPairs = 6,       // group: per pair (tag = index) a group of kTagSourceSeq, kTagFrames
+};
+enum NetQueueTag : std::uint16_t { kTagPackets = 1, kTagBytes = 2, kTagDropped = 3 };
+enum NetPairTag : std::uint16_t {
+  kTagSourceSeq = 1,  // u64: the next source frame's sequence number
+  kTagFrames = 2,     // group: the frames waiting for the guest, tags 0, 1, ... in order
+};
+// Waiting frames saved at most, over all pairs; the rest count as dropped.
+constexpr std::size_t kStateFrameBudget = 16u << 20;
+}  // namespace
+
+void NetDevice::save_state(DeviceStateWriter& out) const {
+  out.bytes(kTagMac, mac_);
+  out.u64(kTagMtu, mtu_);
+  out.u64(kTagFeatures, features_);
+  out.u64(kTagQueuePairs, options_.queue_pairs);
+  // Frames first: the ones that do not fit count as dropped in the saved counters.
+  std::vector<std::uint64_t> unsaved(pairs_.size(), 0);
+  std::size_t budget = kStateFrameBudget;
+  DeviceStateWriter pairs;
+  for (std::uint32_t i = 0; i < pairs_.size(); ++i) {
+    const Pair& p = *pairs_[i];
+    DeviceStateWriter frames;
+    std::uint16_t saved = 0;
+    const std::size_t n = waiting_frames(i);
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::vector<std::uint8_t>& f = options_.mode == NetMode::loopback
+                                               ? p.ring[(p.head.load() + k) % p.ring.size()]
+                                               : p.pending[(p.pending_head + k) % p.pending.size()];
+      const std::size_t len = f.size() - kHdrRoom;
+      if (len > budget) {
+        ++unsaved[i];
+        continue;
+      }
+      budget -= len;
+      frames.bytes(saved++, std::span(f).subspan(kHdrRoom));
+    }
+    DeviceStateWriter pair;
+    pair.u64(kTagSourceSeq, p.seq);
+    pair.group(kTagFrames, frames);
+    pairs.group(static_cast<std::uint16_t>(i), pair);
+  }
+  DeviceStateWriter queues;
+  for (std::uint32_t q = 0; q < counters_.size(); ++q) {
+    const Counters& c = counters_[q];
+    DeviceStateWriter queue;
+    queue.u64(kTagPackets, c.packets.load());
+    queue.u64(kTagBytes, c.bytes.load());
+    queue.u64(kTagDropped, c.dropped.load() + (q % 2 == 0 ? unsaved[q / 2] : 0));
+    queues.group(static_cast<std::uint16_t>(q), queue);
+  }
+  out.group(kTagQueues, queues);
+  out.group(kTagPairs, pairs);
+}
+
+Result<void, std::string> NetDevice::load_state(const DeviceStateReader& in,
+                                                std::uint32_t /*version*/) {
+  auto err = [](const DeviceStateError& e) { return unexpected(e.message()); };
+  // Everything is read and checked first; the device changes only once all of it passed.
+  auto mac = in.bytes(kTagMac, 6);
+  if (!mac) return err(mac.error());
+  auto mtu = in.u64(kTagMtu, 65535);
+  if (!mtu) return err(mtu.error());
+  if (*mtu < 68) return unexpected(fmt::format("MTU {} is below 68", *mtu));
+  auto features = in.u64(kTagFeatures);
+  if (!features) return err(features.error());
+  const std::uint64_t device_bits = *features & ((std::uint64_t{1} << 24) - 1);
+  if ((device_bits & ~device_features()) != 0)
+    return unexpected(fmt::format("the driver accepted features {:#x} this device does not offer",
+                                  device_bits & ~device_features()));
+  auto pairs_n = in.u64(kTagQueuePairs);
+  if (!pairs_n) return err(pairs_n.error());
+  if (*pairs_n != options_.queue_pairs)
+    return unexpected(
+        fmt::format("state of {} queue pairs, this device has {}", *pairs_n, options_.queue_pairs));
+  struct QueueCounts {
+    std::uint64_t packets, bytes, dropped;
+  };
+  std::vector<QueueCounts> counts(counters_.size());
+  auto queues = in.group(kTagQueues);
+  if (!queues) return err(queues.error());
+  if (queues->records().size() != counters_.size())
+    return unexpected(fmt::format("counters of {} queues, this device has {}",
+                                  queues->records().size(), counters_.size()));
+  for (std::uint32_t q = 0; q < counters_.size(); ++q) {
+    auto g = queues->group(static_cast<std::uint16_t>(q));
+    if (!g) return err(g.error());
+    auto packets = g->u64(kTagPackets);
+    auto bytes = g->u64(kTagBytes);
+    auto dropped = g->u64(kTagDropped);
+    if (!packets) return err(packets.error());
+    if (!bytes) return err(bytes.error());
+    if (!dropped) return err(dropped.error());
+    counts[q] = {*packets, *bytes, *dropped};
+  }
+  struct PairState {
+    std::uint64_t seq;
+    std::vector<std::span<const std::uint8_t>> frames;
+  };
+  std::vector<PairState> pair_states(pairs_.size());
+  auto pairs = in.group(kTagPairs);
+  if (!pairs) return err(pairs.error());
+  if (pairs->records().size() != pairs_.size())
+    return unexpected(fmt::format("state of {} queue pairs' frames, this device has {} pairs",
+                                  pairs->records().size(), pairs_.size()));
+  for (std::uint32_t i = 0; i < pairs_.size(); ++i) {
+    auto g = pairs->group(static_cast<std::uint16_t>(i));
+    if (!g) return err(g.error());
+    auto seq = g->u64(kTagSourceSeq);
+    if (!seq) return err(seq.error());
+    auto frames = g->group(kTagFrames);
+    if (!frames) return err(frames.error());
+    pair_states[i].seq = *seq;
+    for (std::size_t k = 0; k < frames->records().size(); ++k) {
+      auto f = frames->bytes(static_cast<std::uint16_t>(k));
+      if (!f) return err(f.error());
+      if (f->size() < 14 || f->size() > kMaxFrame)
+        return unexpected(fmt::format("pair {}: a waiting frame of {} bytes", i, f->size()));
+      pair_states[i].frames.push_back(*f);
+    }
+  }
+  std::copy(mac->begin(), mac->end(), mac_.begin());
+  mtu_ = static_cast<std::uint16_t>(*mtu);
+  set_features(*features);
+  for (std::uint32_t i = 0; i < pairs_.size(); ++i) {
+    Pair& p = *pairs_[i];
+    p.seq = pair_states[i].seq;
+    clear_waiting(p);
+    std::uint64_t dropped = 0;
+    for (auto f : pair_states[i].frames) {
+      std::vector<std::uint8_t>* slot = nullptr;
+      if (options_.mode == NetMode::loopback && p.tail.load() < p.ring.size()) {
+        slot = &p.ring[p.tail.load()];
+        p.tail.store(p.tail.load() + 1);
+      } else if (options_.mode == NetMode::tap && p.pending_count < p.pending.size()) {
+        slot = &p.pending[p.pending_count++];
+      }
+      if (slot == nullptr) {
+        ++dropped;
+        continue;
+      }
+      slot->resize(kHdrRoom + f.size());
+      std::copy(f.begin(), f.end(), slot->begin() + kHdrRoom);
+    }
+    counts[2 * i].dropped += dropped;
+    if (dropped > 0)
+      log(LogLevel::warn,
+          "{}: pair {}: {} waiting frames of the source dropped (no room in {} mode)", name(), i,
+          dropped, to_string(options_.mode));
+    if (options_.mode == NetMode::loopback && p.tail.load() > 0) signal(p.rx_event.get());
+  }
+  for (std::uint32_t q = 0; q < counters_.size(); ++q) {
+    counters_[q].packets.store(counts[q].packets);
+    counters_[q].bytes.store(counts[q].bytes);
+    counters_[q].dropped.store(counts[q].dropped);
+  }
+  return {};
 }
 
 NetQueueStats NetDevice::stats(std::uint32_t queue) const {

@@ -5,9 +5,12 @@ disk served by vhostkit-blk over an image file.
 The host fills the first MiB of the image with a known pattern; the guest checks the
 disk's size, reads that MiB back (O_DIRECT) and prints its checksum, writes its own
 pattern at 1 MiB with dd (conv=fsync: a FLUSH), syncs, reads it back with iflag=direct
-and compares. Afterwards the host checks the image file holds the guest's pattern.
-The guest also prints what it sees of the back-end's options (serial, block sizes,
-write cache, queues), and the host checks them against the options it gave.
+and compares. The guest also prints what it sees of the back-end's options (serial, block
+sizes, write cache, queues), and the host checks them against the options it gave. Then it
+unbinds virtio_blk from the device and binds it again (the driver resets the device: QEMU
+sends SET_STATUS(0), and GET_VRING_BASE, then sets the device up from scratch) and reads
+its pattern back through the re-initialised device. Afterwards the host checks the image
+file holds the guest's pattern.
 Variants: --iommu (intel-iommu with device-iotlb; the device uses IOVAs and learns them
 through IOTLB misses), --queues N (the guest uses N queues, one per vCPU),
 --backend-args (more vhostkit-blk options) and --features (in the same boot: the guest
@@ -74,6 +77,23 @@ if [ -e /tmp/features ]; then
     echo "GUEST-RO2-WRITE-REFUSED $(tr ' ' _ < /tmp/ro-err | head -n1)"
   fi
 fi
+# Unbind and bind the driver again (a device reset), then read the pattern back through
+# the re-initialised device, found again by its serial.
+serial=$(cat /sys/block/$rw/serial)
+dev=$(basename "$(readlink /sys/block/$rw/device)")
+echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/unbind || echo "GUEST-UNBIND-FAILED"
+[ -e /sys/block/$rw ] && echo "GUEST-UNBIND-KEPT-VDA"
+echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/bind || echo "GUEST-BIND-FAILED"
+again=
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  for d in /sys/block/vd*; do
+    [ "$(cat $d/serial 2>/dev/null)" = "$serial" ] && again=${d##*/}
+  done
+  [ -n "$again" ] && [ -b /dev/$again ] && break
+  sleep 1
+done
+dd if=/dev/$again of=/tmp/again bs=4096 skip=256 count=256 iflag=direct 2>/dev/null || echo "GUEST-REBIND-READ-FAILED"
+if cmp /tmp/pat /tmp/again >/dev/null; then echo "GUEST-REBIND-OK"; else echo "GUEST-REBIND-BAD"; fi
 """ % {"ro_serial": RO_SERIAL, "discard_at": DISCARD_AT}
 # The --features boot: the guest finds this file and runs the feature part of its script.
 FEATURES_SCRIPT = GUEST_SCRIPT.replace("#!/bin/sh\n", "#!/bin/sh\ntouch /tmp/features\n", 1)
@@ -219,11 +239,17 @@ def main():
         failures.append(f"guest sees write cache {guest('GUEST-WCACHE')}, not {want_cache}")
     if guest("GUEST-MD5-A") != hashlib.md5(host_a).hexdigest():
         failures.append("the guest read back something other than the host's pattern")
-    for bad in ("GUEST-WRITE-FAILED", "GUEST-DIRECT-READ-FAILED", "GUEST-READBACK-BAD"):
+    for bad in ("GUEST-WRITE-FAILED", "GUEST-DIRECT-READ-FAILED", "GUEST-READBACK-BAD",
+                "GUEST-UNBIND-FAILED", "GUEST-UNBIND-KEPT-VDA", "GUEST-BIND-FAILED",
+                "GUEST-REBIND-READ-FAILED", "GUEST-REBIND-BAD"):
         if bad in guest_out:
             failures.append(bad)
     if "GUEST-READBACK-OK" not in guest_out:
         failures.append("the guest's read-back did not match what it wrote")
+    if "GUEST-REBIND-OK" not in guest_out:
+        failures.append("the device did not work again after the driver was rebound")
+    if ": device reset" not in log:
+        failures.append("the driver's unbind did not reset the device (no SET_STATUS(0))")
     guest_b = pattern(GUEST_LINE, MIB)
     if guest("GUEST-MD5-B") != hashlib.md5(guest_b).hexdigest():
         failures.append("the guest's pattern is not what the host expects")

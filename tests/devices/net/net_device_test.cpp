@@ -1,6 +1,7 @@
 // NetDevice driven by our front-end and driver model over a real Unix socket: config
 // space, headers, source frames, loopback (with back-pressure, mergeable buffers, the
-// vIOMMU, packed rings), malformed transmit chains, and a real TAP interface.
+// vIOMMU, packed rings), malformed transmit chains, a real TAP interface, and its device
+// state (MAC, MTU, counters, waiting frames) from one back-end to another.
 #include <arpa/inet.h>
 #include <linux/if.h>
 #include <linux/if_packet.h>
@@ -72,6 +73,11 @@ struct NetRig {
     server_thread.join();
   }
   void bring_up() {
+    negotiate_and_map();
+    start_rings();
+  }
+  // Negotiation and the memory table: where a migration's destination loads the state.
+  void negotiate_and_map() {
     ClientOptions co;
     co.want_features = bit(virtio::kFRingIndirectDesc) | bit(virtio::kFRingEventIdx) |
                        bit(kNetFMac) | bit(kNetFStatus) | bit(kNetFMtu);
@@ -81,6 +87,8 @@ struct NetRig {
     ASSERT_TRUE(client->negotiate(co).has_value());
     ASSERT_TRUE(client->set_mem_table(mem).has_value());
     if (opt.iommu) client->attach_viommu(viommu, mem);
+  }
+  void start_rings() {
     DriverOptions d;
     d.packed = opt.packed;
     d.size = 128;
@@ -449,6 +457,271 @@ TEST(NetDevice, TapCarriesFramesBothWays) {
       ours.emplace_back(p.begin() + 12, p.end());
   ASSERT_EQ(ours.size(), 20u);
   for (std::uint32_t n = 0; n < 20; ++n) EXPECT_EQ(ours[n], frame(100 + n)) << n;
+}
+
+// ---- Device state -------------------------------------------------------------------
+
+// Frames the guest sent into a loopback that nobody received yet, the counters, the MAC
+// and MTU: all of it goes from one back-end to another, and the destination delivers the
+// waiting frames once its receive ring runs.
+TEST(NetDeviceState, MacMtuCountersAndWaitingFramesMoveToAnotherBackEnd) {
+  NetRigOptions so;
+  so.net.mode = NetMode::loopback;
+  so.net.loopback_depth = 32;
+  so.net.mac = {0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc};
+  so.net.mtu = 1500;
+  NetRig src(so);
+  src.bring_up();
+  // Some traffic both ways, then frames that wait: no receive buffer posted for them.
+  src.post_rx(8);
+  for (std::uint32_t i = 0; i < 5; ++i) ASSERT_TRUE(src.send(test_frame(100, i)));
+  NetRig::kick(*src.tx, src.tx_n);
+  std::vector<std::vector<std::uint8_t>> got;
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (got.size() < 5 && std::chrono::steady_clock::now() < deadline) {
+    src.poll_rx(got);
+    src.reap_tx();
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(got.size(), 5u);
+  // The 3 receive buffers left take 3 more; 10 wait.
+  for (std::uint32_t i = 5; i < 18; ++i) ASSERT_TRUE(src.send(test_frame(200 + i, i)));
+  NetRig::kick(*src.tx, src.tx_n);
+  deadline = std::chrono::steady_clock::now() + 10s;
+  while ((src.device->stats(1).packets < 18 || got.size() < 8) &&
+         std::chrono::steady_clock::now() < deadline) {
+    src.poll_rx(got);
+    src.reap_tx();
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(src.device->stats(1).packets, 18u);
+  ASSERT_EQ(got.size(), 8u);
+  ASSERT_TRUE(src.client->stop_queue(0).has_value());
+  ASSERT_TRUE(src.client->stop_queue(1).has_value());
+  EXPECT_EQ(src.device->waiting_frames(0), 10u);
+  auto state = src.client->save_device_state();
+  ASSERT_TRUE(state.has_value()) << state.error();
+
+  NetRigOptions dopt = so;
+  dopt.net.mac = {0x02, 0, 0, 0, 0, 1};
+  dopt.net.mtu = 9000;
+  NetRig dst(dopt);
+  dst.negotiate_and_map();
+  auto loaded = dst.client->load_device_state(*state);
+  ASSERT_TRUE(loaded.has_value()) << loaded.error();
+  EXPECT_EQ(dst.device->mac(), so.net.mac);
+  EXPECT_EQ(dst.device->mtu(), 1500);
+  auto cfg = dst.device->config();
+  EXPECT_EQ(std::vector<std::uint8_t>(cfg.begin(), cfg.begin() + 6),
+            std::vector<std::uint8_t>(so.net.mac.begin(), so.net.mac.end()));
+  EXPECT_EQ(cfg[10] | (cfg[11] << 8), 1500);
+  for (std::uint32_t q = 0; q < 2; ++q) {
+    EXPECT_EQ(dst.device->stats(q).packets, src.device->stats(q).packets) << q;
+    EXPECT_EQ(dst.device->stats(q).bytes, src.device->stats(q).bytes) << q;
+    EXPECT_EQ(dst.device->stats(q).dropped, src.device->stats(q).dropped) << q;
+  }
+  EXPECT_EQ(dst.device->waiting_frames(0), 10u);
+  dst.start_rings();
+  dst.post_rx(16);
+  std::vector<std::vector<std::uint8_t>> later;
+  deadline = std::chrono::steady_clock::now() + 10s;
+  while (later.size() < 10 && std::chrono::steady_clock::now() < deadline) {
+    dst.poll_rx(later);
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_EQ(later.size(), 10u);
+  for (std::uint32_t i = 0; i < 10; ++i) {
+    auto want = test_frame(200 + 8 + i, 8 + i);
+    ASSERT_EQ(later[i].size(), 12 + want.size()) << i;
+    EXPECT_EQ(0, std::memcmp(later[i].data() + 12, want.data(), want.size())) << i;
+  }
+  EXPECT_EQ(dst.device->stats(0).packets, 18u);
+  // A reset returns the configured MAC and MTU.
+  ASSERT_TRUE(dst.client->set_status(0).has_value());
+  EXPECT_EQ(dst.device->mac(), dopt.net.mac);
+  EXPECT_EQ(dst.device->mtu(), 9000);
+}
+
+TEST(NetDeviceState, WaitingFramesADestinationCannotDeliverCountAsDropped) {
+  NetOptions lo;
+  lo.mode = NetMode::loopback;
+  auto src = std::move(*NetDevice::create(lo));
+  // A loopback source with frames waiting is easiest built from a state.
+  DeviceStateWriter frames, pair, pairs, queues, w;
+  for (std::uint16_t i = 0; i < 3; ++i) frames.bytes(i, test_frame(64, i));
+  pair.u64(1, 0);
+  pair.group(2, frames);
+  pairs.group(0, pair);
+  for (std::uint16_t q = 0; q < 2; ++q) {
+    DeviceStateWriter c;
+    c.u64(1, 10 + q);
+    c.u64(2, 1000);
+    c.u64(3, 1);
+    queues.group(q, c);
+  }
+  w.bytes(1, std::vector<std::uint8_t>{2, 0, 0, 0, 0, 7});
+  w.u64(2, 1500);
+  w.u64(3, 0);
+  w.u64(4, 1);
+  w.group(5, queues);
+  w.group(6, pairs);
+  auto image = encode_device_state({{"virtio-net", 1}, 2}, w);
+  ASSERT_TRUE(image.has_value());
+  auto d = decode_device_state(*image);
+  ASSERT_TRUE(d.has_value());
+  ASSERT_TRUE(src->load_state(d->records, 1).has_value());
+  EXPECT_EQ(src->waiting_frames(0), 3u);
+  // Round trip through save: the same image.
+  DeviceStateWriter again;
+  src->save_state(again);
+  EXPECT_EQ(*encode_device_state({src->state_format(), 2}, again), *image);
+  // A sink has nowhere to put them.
+  NetOptions so;
+  so.mode = NetMode::sink;
+  auto sink = std::move(*NetDevice::create(so));
+  ASSERT_TRUE(sink->load_state(d->records, 1).has_value());
+  EXPECT_EQ(sink->stats(0).dropped, 1u + 3u);
+  EXPECT_EQ(sink->stats(1).dropped, 1u);
+  EXPECT_EQ(sink->stats(0).packets, 10u);
+}
+
+TEST(NetDeviceState, HostileStatesAreRefusedAndTheDeviceIsUnchanged) {
+  NetOptions o;
+  o.mode = NetMode::loopback;
+  auto dev = std::move(*NetDevice::create(o));
+  struct Case {
+    const char* what;
+    std::vector<std::uint8_t> mac = {2, 0, 0, 0, 0, 9};
+    std::uint64_t mtu = 1500, features = bit(kNetFMac), pairs = 1;
+    std::size_t frame = 64;
+    bool drop_queues = false;
+  };
+  auto build = [](const Case& c) {
+    DeviceStateWriter frames, pair, pairs, queues, w;
+    frames.bytes(0, std::vector<std::uint8_t>(c.frame, 1));
+    pair.u64(1, 0);
+    pair.group(2, frames);
+    pairs.group(0, pair);
+    for (std::uint16_t q = 0; q < 2; ++q) {
+      DeviceStateWriter one;
+      one.u64(1, 1);
+      one.u64(2, 1);
+      one.u64(3, 1);
+      queues.group(q, one);
+    }
+    w.bytes(1, c.mac);
+    w.u64(2, c.mtu);
+    w.u64(3, c.features);
+    w.u64(4, c.pairs);
+    if (!c.drop_queues) w.group(5, queues);
+    w.group(6, pairs);
+    return *encode_device_state({{"virtio-net", 1}, 2}, w);
+  };
+  const Case good{"good"};
+  for (const Case& c :
+       {Case{"short MAC", {2, 0, 0}}, Case{"MTU below 68", {2, 0, 0, 0, 0, 9}, 20},
+        Case{"MTU above 65535", {2, 0, 0, 0, 0, 9}, 70000},
+        Case{"a feature not offered", {2, 0, 0, 0, 0, 9}, 1500, bit(1)},
+        Case{"more queue pairs", {2, 0, 0, 0, 0, 9}, 1500, bit(kNetFMac), 2},
+        Case{"a frame shorter than an Ethernet header",
+             {2, 0, 0, 0, 0, 9},
+             1500,
+             bit(kNetFMac),
+             1,
+             5},
+        Case{"no counters", {2, 0, 0, 0, 0, 9}, 1500, bit(kNetFMac), 1, 64, true}}) {
+    auto image = build(c);
+    auto d = decode_device_state(image);
+    ASSERT_TRUE(d.has_value()) << c.what;
+    auto r = dev->load_state(d->records, 1);
+    EXPECT_FALSE(r.has_value()) << c.what;
+    EXPECT_EQ(dev->mac(), o.mac) << c.what;
+    EXPECT_EQ(dev->waiting_frames(0), 0u) << c.what;
+    EXPECT_EQ(dev->stats(0).packets, 0u) << c.what;
+  }
+  auto image = build(good);
+  auto d = decode_device_state(image);
+  ASSERT_TRUE(dev->load_state(d->records, 1).has_value());
+  EXPECT_EQ(dev->waiting_frames(0), 1u);
+}
+
+// Frames read from the tap and waiting for receive buffers when the device is reset are
+// dropped, and the slots they occupied take full-size frames again (before, a slot cut to
+// a short frame's size stayed cut: the next frame read into it was zeroed past the short
+// frame's length).
+TEST(NetDeviceState, TapFramesWaitingAtAResetAreDroppedAndTheSlotsReused) {
+  if (::access("/dev/net/tun", R_OK | W_OK) != 0 || ::geteuid() != 0)
+    GTEST_SKIP() << "needs root and /dev/net/tun";
+  NetRigOptions o;
+  o.net.mode = NetMode::tap;
+  o.net.tap = "vkreset" + std::to_string(::getpid() % 100000);
+  NetRig rig(o);
+  rig.bring_up();
+  UniqueFd ctl(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  // No IPv6 on the interface: the kernel then sends nothing of its own into the tap, and
+  // our frames are the ones that land in the slots.
+  if (FILE* f = std::fopen(
+          ("/proc/sys/net/ipv6/conf/" + rig.device->tap_name() + "/disable_ipv6").c_str(), "w")) {
+    std::fputs("1", f);
+    std::fclose(f);
+  }
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, rig.device->tap_name().c_str(), IFNAMSIZ - 1);
+  ASSERT_EQ(::ioctl(ctl.get(), SIOCGIFFLAGS, &ifr), 0);
+  ifr.ifr_flags |= IFF_UP;
+  ASSERT_EQ(::ioctl(ctl.get(), SIOCSIFFLAGS, &ifr), 0);
+  ASSERT_EQ(::ioctl(ctl.get(), SIOCGIFINDEX, &ifr), 0);
+  UniqueFd pkt(::socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, htons(0x88b5)));
+  ASSERT_TRUE(pkt.valid());
+  sockaddr_ll sll{};
+  sll.sll_family = AF_PACKET;
+  sll.sll_protocol = htons(0x88b5);
+  sll.sll_ifindex = ifr.ifr_ifindex;
+  ASSERT_EQ(::bind(pkt.get(), reinterpret_cast<sockaddr*>(&sll), sizeof sll), 0);
+  auto frame = [](std::size_t len, std::uint32_t n) {
+    std::vector<std::uint8_t> f(len, static_cast<std::uint8_t>(n));
+    for (int i = 0; i < 6; ++i) f[i] = 0xff;
+    f[6] = 0x02;
+    f[12] = 0x88;
+    f[13] = 0xb5;
+    std::memcpy(f.data() + 14, &n, 4);
+    return f;
+  };
+  auto inject = [&](std::size_t len, std::uint32_t n) {
+    auto f = frame(len, n);
+    ASSERT_EQ(
+        ::sendto(pkt.get(), f.data(), f.size(), 0, reinterpret_cast<sockaddr*>(&sll), sizeof sll),
+        static_cast<ssize_t>(f.size()));
+  };
+  // A short frame with no receive buffer: the receive queue reads it from the tap into a
+  // slot and keeps it there.
+  inject(60, 1);
+  std::this_thread::sleep_for(200ms);
+  ASSERT_TRUE(rig.client->stop_queue(0).has_value());
+  ASSERT_TRUE(rig.client->stop_queue(1).has_value());
+  EXPECT_GE(rig.device->waiting_frames(0), 1u);  // ours, and whatever the kernel sent
+  ASSERT_TRUE(rig.client->set_status(0).has_value());
+  EXPECT_EQ(rig.device->waiting_frames(0), 0u);
+  // The driver starts over and receives full-size frames through the same slots.
+  ASSERT_TRUE(rig.client->set_features(rig.client->features()).has_value());
+  rig.rx_free.clear();
+  rig.rx_bufs.clear();
+  rig.start_rings();
+  rig.post_rx(64);
+  for (std::uint32_t n = 100; n < 110; ++n) inject(1514, n);
+  std::vector<std::vector<std::uint8_t>> got;
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (got.size() < 10 && std::chrono::steady_clock::now() < deadline) {
+    rig.poll_rx(got);
+    std::this_thread::sleep_for(1ms);
+  }
+  std::vector<std::vector<std::uint8_t>> ours;
+  for (auto& p : got)
+    if (p.size() >= 12 + 14 && p[12 + 12] == 0x88 && p[12 + 13] == 0xb5)
+      ours.emplace_back(p.begin() + 12, p.end());
+  // The frame that waited at the reset is gone; the new ones arrive whole.
+  ASSERT_EQ(ours.size(), 10u);
+  for (std::uint32_t n = 0; n < 10; ++n) EXPECT_EQ(ours[n], frame(1514, 100 + n)) << n;
 }
 
 }  // namespace
