@@ -73,7 +73,8 @@ PUBLIC_HEADERS = [
     "vhostkit/export.h", "vhostkit/version.h", "vhostkit/types.h", "vhostkit/unique_fd.h",
     "vhostkit/log.h", "vhostkit/memory.h", "vhostkit/iotlb.h", "vhostkit/dirty_log.h",
     "vhostkit/translate.h", "vhostkit/virtio_spec.h", "vhostkit/virtqueue.h",
-    "vhostkit/vhost_user/device.h", "vhostkit/vhost_user/backend_server.h",
+    "vhostkit/vhost_user/device.h", "vhostkit/vhost_user/device_state.h",
+    "vhostkit/vhost_user/backend_server.h",
 ]
 PRIVATE_HEADERS = [
     "vhostkit/vhost_user/message.h",
@@ -156,7 +157,8 @@ REQUIRED_SYMBOLS = [
     "vhostkit::MemoryTable::MemoryTable(", "vhostkit::DeviceIotlb::DeviceIotlb(",
     "vhostkit::DirtyLog::map(", "vhostkit::TranslateError::message() const",
     "vhostkit::set_log_sink(", "vhostkit::log_line(", "vhostkit::log_enabled(",
-    "vhostkit::to_string(vhostkit::LogLevel)",
+    "vhostkit::to_string(vhostkit::LogLevel)", "vhostkit::DeviceStateWriter::u64(",
+    "vhostkit::DeviceStateReader::u64(", "vhostkit::DeviceStateError::message() const",
 ]
 # Internal names: the vhost-user codec, the queue workers, details.
 FORBIDDEN = re.compile(r"vhostkit::(vhost_user|detail|internal|frontend)::|QueueRunner|"

@@ -30,6 +30,7 @@
 #include <string_view>
 #include <vector>
 
+#include "vhostkit/export.h"
 #include "vhostkit/types.h"
 
 namespace vhostkit {
@@ -65,9 +66,9 @@ enum class DeviceStateErrc {
   bad_value,     // a value outside what the reader accepts
 };
 
-[[nodiscard]] const char* to_string(DeviceStateErrc e);
+[[nodiscard]] VHOSTKIT_API const char* to_string(DeviceStateErrc e);
 
-struct DeviceStateError {
+struct VHOSTKIT_API DeviceStateError {
   DeviceStateErrc code;
   std::uint16_t tag = 0;  // the record concerned, where there is one
   std::string detail;
@@ -79,7 +80,7 @@ struct DeviceStateError {
 enum class RecordType : std::uint8_t { u64 = 1, bytes = 2, text = 3, group = 4 };
 
 // Writes records (save_state()). Tags must be unique within one writer.
-class DeviceStateWriter {
+class VHOSTKIT_API DeviceStateWriter {
  public:
   void u64(std::uint16_t tag, std::uint64_t value);
   void bytes(std::uint16_t tag, std::span<const std::uint8_t> value);
@@ -104,7 +105,7 @@ struct DeviceStateRecord {
 };
 
 // Reads records (load_state()): a view of bytes that must outlive it.
-class DeviceStateReader {
+class VHOSTKIT_API DeviceStateReader {
  public:
   // Checks the framing of every record, recursively: types, lengths, unique tags, depth.
   [[nodiscard]] static Result<DeviceStateReader, DeviceStateError> parse(
@@ -139,7 +140,7 @@ struct DeviceStateHeader {
 
 // The image of `records` under `header`. Error too_large beyond kMaxDeviceStateBytes,
 // bad_header for an empty, long or unprintable kind.
-[[nodiscard]] Result<std::vector<std::uint8_t>, DeviceStateError> encode_device_state(
+[[nodiscard]] VHOSTKIT_API Result<std::vector<std::uint8_t>, DeviceStateError> encode_device_state(
     const DeviceStateHeader& header, const DeviceStateWriter& records);
 
 struct DecodedDeviceState {
@@ -147,10 +148,10 @@ struct DecodedDeviceState {
   DeviceStateReader records;  // a view into the image
 };
 // Checks and opens an image (magic, format, header, checksum, every record's framing).
-[[nodiscard]] Result<DecodedDeviceState, DeviceStateError> decode_device_state(
+[[nodiscard]] VHOSTKIT_API Result<DecodedDeviceState, DeviceStateError> decode_device_state(
     std::span<const std::uint8_t> image);
 
 // CRC-32C (Castagnoli) of data, as the image's trailer holds it.
-[[nodiscard]] std::uint32_t crc32c(std::span<const std::uint8_t> data);
+[[nodiscard]] VHOSTKIT_API std::uint32_t crc32c(std::span<const std::uint8_t> data);
 
 }  // namespace vhostkit
