@@ -181,7 +181,7 @@ TEST(DeviceState, ManyTinyRecordsAreCheckedQuickly) {
     records.insert(records.end(), r.begin(), r.end());
   }
   EXPECT_EQ(refusal(forge(records)), DeviceStateErrc::duplicate);
-  records.resize(records.size() - 8);
+  records.erase(records.end() - 8, records.end());
   const auto image = forge(records);  // the reader is a view of it
   auto d = decode_device_state(image);
   ASSERT_TRUE(d.has_value());
