@@ -68,7 +68,7 @@ TEST(Migration, SplitRingIommuGpaUpdatesLazyUnmap) {
 }
 
 TEST(Migration, RegionAddedAndRemovedDuringTheMigration) {
-  // Without the vIOMMU: see IommuWithMemoryTableChangeDuringTheMigration below.
+  // Without the vIOMMU; with it: IommuWithMemoryTableChangeDuringTheMigration below.
   for (bool gpa_form : {false, true}) {
     SCOPED_TRACE(gpa_form ? "gpa" : "uaddr");
     RigConfig c = base_config();
