@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   bool no_iommu = false;
   bool no_packed = false;
   bool no_lookahead = false;
+  std::size_t iotlb_entries = IotlbLimits{}.max_entries;
 
   app.add_option("--socket-path", socket_path, "Unix socket to listen on for the front-end");
   app.add_option("--fd", fd, "an already listening Unix socket fd, inherited")
@@ -100,6 +101,10 @@ int main(int argc, char** argv) {
   app.add_flag("--no-packed", no_packed, "do not offer VIRTIO_F_RING_PACKED");
   app.add_flag("--no-miss-lookahead", no_lookahead,
                "request one missing IOTLB page at a time instead of all a kick reveals");
+  app.add_option("--iotlb-entries", iotlb_entries,
+                 "IOTLB capacity in translations; the oldest are dropped beyond it (1..4194304)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 22))
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -157,6 +162,7 @@ int main(int argc, char** argv) {
   bo.offer_iommu = !no_iommu;
   bo.offer_packed = !no_packed;
   bo.runner.miss_lookahead = !no_lookahead;
+  bo.iotlb.max_entries = iotlb_entries;
   BackendServer server(**device, bo);
 
   UniqueFd listener;
