@@ -43,15 +43,18 @@ def testpmd(prefix, main_core, vdev, mode, size, extra=()):
             f"--txpkts={size}", "--auto-start", "--stats-period", "1", "--nb-cores=1", *extra]
 
 
-def start_backend(kind, direction, size, sock, daemon, log):
+def start_backend(kind, direction, size, sock, daemon, log, iommu=False, daemon_args=()):
+    """Starts a back-end on sock; with iommu it offers VIRTIO_F_ACCESS_PLATFORM
+    (bench/viommu_bench.py). daemon_args: more vhostkit-net options."""
     if kind == "vhostkit":
         mode = "sink" if direction == "g2h" else "source"
         cmd = ["taskset", "-c", str(BACK_CORE), daemon, "--socket-path", sock, "--mode", mode,
-               "--packet-size", str(max(size, 60)), "--poll", "--no-iommu"]
+               "--packet-size", str(max(size, 60)), "--poll",
+               *([] if iommu else ["--no-iommu"]), *daemon_args]
     else:
         mode = "rxonly" if direction == "g2h" else "txonly"
-        cmd = testpmd(f"vkb-back-{os.getpid()}", 1 - BACK_CORE,
-                      f"net_vhost0,iface={sock},queues=1", mode, size)
+        vdev = f"net_vhost0,iface={sock},queues=1" + (",iommu-support=1" if iommu else "")
+        cmd = testpmd(f"vkb-back-{os.getpid()}", 1 - BACK_CORE, vdev, mode, size)
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.time() + 20
     while not os.path.exists(sock):
