@@ -239,14 +239,14 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
     chain.readable_len += len;
   }
   if (len == 0) return true;
-  // Translate into a small local array first (one segment is the common case), then
-  // into growing heap storage if the buffer is fragmented.
+  // Translate into one local segment first (the common case: nothing to initialise
+  // beyond it), then into growing heap storage if the buffer is fragmented.
   auto& segs = out.segments_;
-  Segment local[4];
+  Segment one;
   std::vector<Segment> big;
-  std::size_t room = 4;
+  std::size_t room = 1;
   while (true) {
-    std::span<Segment> dst = room == 4 ? std::span<Segment>(local) : std::span<Segment>(big);
+    std::span<Segment> dst = room == 1 ? std::span<Segment>(&one, 1) : std::span<Segment>(big);
     auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read, dst);
     if (n) {
       if (*n == 1)
@@ -403,9 +403,20 @@ Result<std::uint32_t, VirtqueueError> Virtqueue::write_chain(const ChainBatch& b
                                                              const DescChain& chain,
                                                              std::uint32_t offset,
                                                              std::span<const std::uint8_t> data) {
+  const std::span<const Segment> segs = batch.writable(chain);
+  // The common case first: the data fits in the first segment (a receive buffer of one
+  // descriptor, translated in one piece).
+  if (!data.empty() && !segs.empty() && offset < segs[0].len &&
+      data.size() <= segs[0].len - offset) {
+    const Segment& s = segs[0];
+    std::memcpy(s.host + offset, data.data(), data.size());
+    if (auto r = tr_.log_write(Segment{s.host + offset, s.gpa + offset, data.size()}); !r)
+      return unexpected(VirtqueueError{VirtqueueErrc::log_failed, chain.id, r.error().addr.value});
+    return static_cast<std::uint32_t>(data.size());
+  }
   std::uint32_t written = 0;
   std::uint64_t skip = offset;
-  for (const Segment& s : batch.writable(chain)) {
+  for (const Segment& s : segs) {
     if (written == data.size()) break;
     if (skip >= s.len) {
       skip -= s.len;
