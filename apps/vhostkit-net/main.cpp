@@ -90,6 +90,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--rate", opt.rate_pps, "source mode: packets per second in all (0: max)")
       ->capture_default_str();
+  app.add_flag("--sink-read", opt.sink_read,
+               "sink mode: copy every frame out of the guest before dropping it");
   app.add_flag("--poll", poll, "busy-poll the rings instead of sleeping on kicks");
   app.add_option("--poll-idle-us", poll_idle_us,
                  "with --poll: sleep after this many microseconds without work (0: never)")
@@ -136,6 +138,7 @@ int main(int argc, char** argv) {
   if (!mac) return usage(mac.error());
   opt.mac = *mac;
   if (opt.mode != NetMode::tap && !opt.tap.empty()) return usage("--tap needs --mode tap");
+  if (opt.mode != NetMode::sink && opt.sink_read) return usage("--sink-read needs --mode sink");
   LogLevel level = LogLevel::info;
   if (level_s == "debug")
     level = LogLevel::debug;

@@ -192,7 +192,9 @@ Result<void, std::string> NetDevice::open() {
         p->tx_buf.resize(kMaxFrame);
         break;
       }
-      case NetMode::sink: break;
+      case NetMode::sink:
+        if (options_.sink_read) p->tx_buf.resize(kMaxFrame);
+        break;
     }
     pairs_.push_back(std::move(p));
   }
@@ -433,7 +435,7 @@ Result<void, std::string> NetDevice::load_state(const DeviceStateReader& in,
 
 NetQueueStats NetDevice::stats(std::uint32_t queue) const {
   const Counters& c = counters_.at(queue);
-  return {c.packets.load(), c.bytes.load(), c.dropped.load()};
+  return {c.packets.load(), c.bytes.load(), c.dropped.load(), c.bytes_read.load()};
 }
 
 void NetDevice::make_source_frame(std::span<std::uint8_t> f, const std::array<std::uint8_t, 6>& dst,
@@ -698,7 +700,7 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
   if (b.size() == 0) return w;
   auto& done = p.tx_done;
   done.clear();
-  std::uint64_t bytes = 0, packets = 0, dropped = 0;
+  std::uint64_t bytes = 0, packets = 0, dropped = 0, read = 0;
   std::uint64_t tail = p.tail.load(std::memory_order_relaxed);
   for (const DescChain& c : b.chains()) {
     done.push_back(Completion{c.id, c.ring_descs, 0});
@@ -709,6 +711,8 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
     std::uint32_t len = c.readable_len - hdr;
     switch (options_.mode) {
       case NetMode::sink:
+        if (options_.sink_read) read += vq.read_chain(b, c, hdr, std::span(p.tx_buf).first(len));
+        break;
       case NetMode::source: break;
       case NetMode::loopback: {
         auto& slot = p.ring[tail % p.ring.size()];
@@ -743,6 +747,7 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
   ctr.packets.fetch_add(packets, std::memory_order_relaxed);
   ctr.bytes.fetch_add(bytes, std::memory_order_relaxed);
   if (dropped > 0) ctr.dropped.fetch_add(dropped, std::memory_order_relaxed);
+  if (read > 0) ctr.bytes_read.fetch_add(read, std::memory_order_relaxed);
   return w;
 }
 
