@@ -239,33 +239,35 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
     chain.readable_len += len;
   }
   if (len == 0) return true;
-  // Translate into one local segment first (the common case: nothing to initialise
-  // beyond it), then into growing heap storage if the buffer is fragmented.
-  auto& segs = out.segments_;
+  // The common case: the buffer translates into one segment (the translation cache's
+  // inline hit), appended to the batch as it is. Anything else is add_buffer_slow's,
+  // which starts from this attempt's error (a miss is noted once: not translated again).
   Segment one;
-  std::vector<Segment> big;
+  auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
+                         std::span<Segment>(&one, 1));
+  if (!n) return add_buffer_slow(out, chain, addr, len, writable, n.error());
+  out.segments_.push_back(one);
+  if (writable)
+    ++chain.n_writable;
+  else
+    ++chain.n_readable;
+  return true;
+}
+
+Result<bool, VirtqueueError> Virtqueue::add_buffer_slow(ChainBatch& out, DescChain& chain,
+                                                        std::uint64_t addr, std::uint32_t len,
+                                                        bool writable, TranslateError first) {
+  // Growing heap storage for a fragmented buffer; the look-ahead of a dry run continues
+  // after a missing page with the rest of the buffer.
+  auto& segs = out.segments_;
+  std::vector<Segment> dst;
   std::size_t room = 1;
+  TranslateError e = first;
   while (true) {
-    std::span<Segment> dst = room == 1 ? std::span<Segment>(&one, 1) : std::span<Segment>(big);
-    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read, dst);
-    if (n) {
-      if (*n == 1)
-        segs.push_back(dst[0]);
-      else
-        segs.insert(segs.end(), dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(*n));
-      if (writable)
-        chain.n_writable += static_cast<std::uint32_t>(*n);
-      else
-        chain.n_readable += static_cast<std::uint32_t>(*n);
-      return true;
-    }
-    const TranslateError& e = n.error();
     if (e.code == TranslateErrc::too_many_segments && room < 4096) {
       room *= 4;
-      big.resize(room);
-      continue;
-    }
-    if (e.code == TranslateErrc::iotlb_miss) {
+      dst.resize(room);
+    } else if (e.code == TranslateErrc::iotlb_miss) {
       if (dry_run_ == nullptr) {
         deferred_ = e;
         return false;
@@ -277,9 +279,21 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
       if (next <= e.addr.value || next >= end) return true;
       len = static_cast<std::uint32_t>(end - next);
       addr = next;
-      continue;
+      if (room == 1) dst.resize(1);
+    } else {
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
     }
-    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
+    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
+                           std::span<Segment>(dst));
+    if (n) {
+      segs.insert(segs.end(), dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(*n));
+      if (writable)
+        chain.n_writable += static_cast<std::uint32_t>(*n);
+      else
+        chain.n_readable += static_cast<std::uint32_t>(*n);
+      return true;
+    }
+    e = n.error();
   }
 }
 
