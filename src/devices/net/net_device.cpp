@@ -594,6 +594,21 @@ QueueWork NetDevice::receive(std::uint32_t queue, Virtqueue& vq, Pair& p) {
       std::memset(h, 0, hdr);
     }
     std::span<const std::uint8_t> data(h, hdr + (stored.size() - kHdrRoom));
+    if (b[ci].writable_len >= data.size()) {
+      // The common case: the whole packet fits in the next chain (num_buffers 1).
+      const DescChain& c = b[ci];
+      auto wr = vq.write_chain(b, c, 0, data);
+      if (!wr) {
+        w.error = wr.error();
+        break;
+      }
+      done.push_back(Completion{c.id, c.ring_descs, *wr});
+      ++ci;
+      ++delivered;
+      ++packets;
+      bytes += data.size() - hdr;
+      continue;
+    }
     std::size_t first_done = done.size();
     std::size_t first_chain = ci;
     std::size_t off = 0;
