@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   bool no_iommu = false;
   bool no_packed = false;
   bool no_lookahead = false;
+  std::size_t iotlb_entries = IotlbLimits{}.max_entries;
 
   app.add_option("--socket-path", socket_path, "Unix socket to listen on for the front-end");
   app.add_option("--fd", fd, "an already listening Unix socket fd, inherited")
@@ -89,6 +90,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--rate", opt.rate_pps, "source mode: packets per second in all (0: max)")
       ->capture_default_str();
+  app.add_flag("--sink-read", opt.sink_read,
+               "sink mode: copy every frame out of the guest before dropping it");
   app.add_flag("--poll", poll, "busy-poll the rings instead of sleeping on kicks");
   app.add_option("--poll-idle-us", poll_idle_us,
                  "with --poll: sleep after this many microseconds without work (0: never)")
@@ -100,6 +103,10 @@ int main(int argc, char** argv) {
   app.add_flag("--no-packed", no_packed, "do not offer VIRTIO_F_RING_PACKED");
   app.add_flag("--no-miss-lookahead", no_lookahead,
                "request one missing IOTLB page at a time instead of all a kick reveals");
+  app.add_option("--iotlb-entries", iotlb_entries,
+                 "IOTLB capacity in translations; the oldest are dropped beyond it (1..4194304)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 22))
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -131,6 +138,7 @@ int main(int argc, char** argv) {
   if (!mac) return usage(mac.error());
   opt.mac = *mac;
   if (opt.mode != NetMode::tap && !opt.tap.empty()) return usage("--tap needs --mode tap");
+  if (opt.mode != NetMode::sink && opt.sink_read) return usage("--sink-read needs --mode sink");
   LogLevel level = LogLevel::info;
   if (level_s == "debug")
     level = LogLevel::debug;
@@ -157,6 +165,7 @@ int main(int argc, char** argv) {
   bo.offer_iommu = !no_iommu;
   bo.offer_packed = !no_packed;
   bo.runner.miss_lookahead = !no_lookahead;
+  bo.iotlb.max_entries = iotlb_entries;
   BackendServer server(**device, bo);
 
   UniqueFd listener;

@@ -250,6 +250,11 @@ class VHOSTKIT_API Virtqueue {
   // added; false: its translation is missing (IOMMU on) and deferred_ says where.
   Result<bool, VirtqueueError> add_buffer(ChainBatch& out, DescChain& chain, std::uint64_t addr,
                                           std::uint32_t len, bool writable, bool& seen_writable);
+  // add_buffer's rest after the one-segment translation failed with `first`: fragmented
+  // buffers, misses (and the dry run's look-ahead), bad addresses.
+  Result<bool, VirtqueueError> add_buffer_slow(ChainBatch& out, DescChain& chain,
+                                               std::uint64_t addr, std::uint32_t len, bool writable,
+                                               TranslateError first);
   Result<bool, VirtqueueError> walk_indirect(ChainBatch& out, DescChain& chain, std::uint64_t addr,
                                              std::uint32_t len, bool& seen_writable,
                                              std::uint32_t& count);

@@ -128,6 +128,7 @@ Iova VirtioDriver::device_addr(Gpa gpa, std::uint64_t len, Access perm, Chain& c
 }
 
 Iova VirtioDriver::buffer_addr(const DriverBuffer& b, Chain& chain) {
+  if (b.premapped) return *b.premapped;  // the caller's mapping: not ours to unmap
   Access perm = !b.device_writes               ? Access::read
                 : opt_.map_writable_read_write ? Access::read_write
                                                : Access::write;

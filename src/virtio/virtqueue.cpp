@@ -239,33 +239,35 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
     chain.readable_len += len;
   }
   if (len == 0) return true;
-  // Translate into a small local array first (one segment is the common case), then
-  // into growing heap storage if the buffer is fragmented.
+  // The common case: the buffer translates into one segment (the translation cache's
+  // inline hit), appended to the batch as it is. Anything else is add_buffer_slow's,
+  // which starts from this attempt's error (a miss is noted once: not translated again).
+  Segment one;
+  auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
+                         std::span<Segment>(&one, 1));
+  if (!n) return add_buffer_slow(out, chain, addr, len, writable, n.error());
+  out.segments_.push_back(one);
+  if (writable)
+    ++chain.n_writable;
+  else
+    ++chain.n_readable;
+  return true;
+}
+
+Result<bool, VirtqueueError> Virtqueue::add_buffer_slow(ChainBatch& out, DescChain& chain,
+                                                        std::uint64_t addr, std::uint32_t len,
+                                                        bool writable, TranslateError first) {
+  // Growing heap storage for a fragmented buffer; the look-ahead of a dry run continues
+  // after a missing page with the rest of the buffer.
   auto& segs = out.segments_;
-  Segment local[4];
-  std::vector<Segment> big;
-  std::size_t room = 4;
+  std::vector<Segment> dst;
+  std::size_t room = 1;
+  TranslateError e = first;
   while (true) {
-    std::span<Segment> dst = room == 4 ? std::span<Segment>(local) : std::span<Segment>(big);
-    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read, dst);
-    if (n) {
-      if (*n == 1)
-        segs.push_back(dst[0]);
-      else
-        segs.insert(segs.end(), dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(*n));
-      if (writable)
-        chain.n_writable += static_cast<std::uint32_t>(*n);
-      else
-        chain.n_readable += static_cast<std::uint32_t>(*n);
-      return true;
-    }
-    const TranslateError& e = n.error();
     if (e.code == TranslateErrc::too_many_segments && room < 4096) {
       room *= 4;
-      big.resize(room);
-      continue;
-    }
-    if (e.code == TranslateErrc::iotlb_miss) {
+      dst.resize(room);
+    } else if (e.code == TranslateErrc::iotlb_miss) {
       if (dry_run_ == nullptr) {
         deferred_ = e;
         return false;
@@ -277,9 +279,21 @@ Result<bool, VirtqueueError> Virtqueue::add_buffer(ChainBatch& out, DescChain& c
       if (next <= e.addr.value || next >= end) return true;
       len = static_cast<std::uint32_t>(end - next);
       addr = next;
-      continue;
+      if (room == 1) dst.resize(1);
+    } else {
+      return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
     }
-    return unexpected(fail(VirtqueueError{VirtqueueErrc::bad_buffer, chain.id, addr}));
+    auto n = tr_.translate(Iova(addr), len, writable ? Access::write : Access::read,
+                           std::span<Segment>(dst));
+    if (n) {
+      segs.insert(segs.end(), dst.begin(), dst.begin() + static_cast<std::ptrdiff_t>(*n));
+      if (writable)
+        chain.n_writable += static_cast<std::uint32_t>(*n);
+      else
+        chain.n_readable += static_cast<std::uint32_t>(*n);
+      return true;
+    }
+    e = n.error();
   }
 }
 
@@ -403,9 +417,20 @@ Result<std::uint32_t, VirtqueueError> Virtqueue::write_chain(const ChainBatch& b
                                                              const DescChain& chain,
                                                              std::uint32_t offset,
                                                              std::span<const std::uint8_t> data) {
+  const std::span<const Segment> segs = batch.writable(chain);
+  // The common case first: the data fits in the first segment (a receive buffer of one
+  // descriptor, translated in one piece).
+  if (!data.empty() && !segs.empty() && offset < segs[0].len &&
+      data.size() <= segs[0].len - offset) {
+    const Segment& s = segs[0];
+    std::memcpy(s.host + offset, data.data(), data.size());
+    if (auto r = tr_.log_write(Segment{s.host + offset, s.gpa + offset, data.size()}); !r)
+      return unexpected(VirtqueueError{VirtqueueErrc::log_failed, chain.id, r.error().addr.value});
+    return static_cast<std::uint32_t>(data.size());
+  }
   std::uint32_t written = 0;
   std::uint64_t skip = offset;
-  for (const Segment& s : batch.writable(chain)) {
+  for (const Segment& s : segs) {
     if (written == data.size()) break;
     if (skip >= s.len) {
       skip -= s.len;

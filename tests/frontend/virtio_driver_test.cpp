@@ -980,5 +980,38 @@ INSTANTIATE_TEST_SUITE_P(Rings, DriverDeviceThreads,
                                   (param_info.param.indirect ? "_indirect" : "_direct");
                          });
 
+TEST_F(DriverTest, PremappedBuffersAreTheCallersToMapAndUnmap) {
+  Viommu io(ViommuMode::strict);
+  int invalidations = 0;
+  io.set_invalidate_listener([&](Iova, std::uint64_t) { ++invalidations; });
+  for (bool packed : {false, true}) {
+    VirtioDriver d = make({.packed = packed, .size = 8, .iommu = &io});
+    const std::size_t ring_maps = io.mappings();
+    // One mapping used by many chains, as a page pool's driver does.
+    const Iova pool = io.map(Gpa(kBufs), 4096, Access::read);
+    DriverBuffer b = rd(kBufs + 0x40, 64);
+    SplitManualDevice sdev{d};
+    PackedManualDevice pdev{d};
+    b.premapped = pool + 0x40;
+    for (int round = 0; round < 3; ++round) {
+      auto id = d.add(std::span(&b, 1));
+      ASSERT_TRUE(id);
+      EXPECT_EQ(
+          packed ? packed_desc(d, static_cast<std::uint16_t>(round)).addr : split_desc(d, *id).addr,
+          (pool + 0x40).value);
+      EXPECT_EQ(io.mappings(), ring_maps + 1);  // nothing mapped per chain
+      if (packed)
+        pdev.complete(*id, 0, 1);
+      else
+        sdev.complete(*id, 0);
+      ASSERT_TRUE(d.poll());
+      EXPECT_EQ(invalidations, 0);  // nor unmapped on completion
+      EXPECT_TRUE(io.translate(pool));
+    }
+    EXPECT_TRUE(io.unmap(pool, 4096));
+    invalidations = 0;
+  }
+}
+
 }  // namespace
 }  // namespace vhostkit::frontend

@@ -75,12 +75,16 @@ struct NetOptions {
   std::uint32_t packet_size = 64;    // source mode: Ethernet frame bytes, 60..65535
   std::uint64_t rate_pps = 0;        // source mode: packets per second in all, 0 = max
   std::size_t loopback_depth = 256;  // loopback mode: packets buffered per pair
+  // sink mode: copy every frame out of the guest's buffers before dropping it (as a host
+  // stack would, or DPDK's vhost PMD into an mbuf), counted in NetQueueStats::bytes_read.
+  bool sink_read = false;
 };
 
 struct NetQueueStats {
   std::uint64_t packets = 0;
-  std::uint64_t bytes = 0;    // frame bytes, without the virtio-net header
-  std::uint64_t dropped = 0;  // packets lost (no room, malformed, tap refused)
+  std::uint64_t bytes = 0;       // frame bytes, without the virtio-net header
+  std::uint64_t dropped = 0;     // packets lost (no room, malformed, tap refused)
+  std::uint64_t bytes_read = 0;  // sink_read: frame bytes copied out of the guest
 };
 
 // The marker at the start of a source frame's payload (after the Ethernet header).
@@ -131,6 +135,7 @@ class NetDevice : public Device {
     std::atomic<std::uint64_t> packets{0};
     std::atomic<std::uint64_t> bytes{0};
     std::atomic<std::uint64_t> dropped{0};
+    std::atomic<std::uint64_t> bytes_read{0};
   };
 
   explicit NetDevice(NetOptions options);

@@ -49,7 +49,9 @@
 //                 its chain is published and unmapped when poll() collects its completion
 //                 (dma_map/dma_unmap: readable buffers read-only, writable write-only
 //                 unless map_writable_read_write), so strict/lazy invalidation timing is
-//                 the Viommu's. Ring blocks stay mapped for the driver's lifetime.
+//                 the Viommu's. Ring blocks stay mapped for the driver's lifetime. A
+//                 premapped buffer (DriverBuffer::premapped) is the caller's: used as
+//                 given, never mapped or unmapped by the driver.
 //   Migration     set_write_observer() reports every range of guest memory the driver
 //                 writes (descriptors, avail ring, indirect tables, event fields), after
 //                 the store: the vCPU half of dirty tracking (KVM's dirty log in a real
@@ -93,11 +95,15 @@ struct DriverOptions {
   bool map_writable_read_write = false;
 };
 
-// One buffer of a chain. The device reads it unless device_writes.
+// One buffer of a chain. The device reads it unless device_writes. premapped: the
+// buffer's device address, already mapped by the caller (Linux's premapped DMA mode: a
+// page pool that maps its pages once); the driver puts it in the descriptor as it is and
+// neither maps nor unmaps it. Without it the driver maps gpa through options.iommu.
 struct DriverBuffer {
   Gpa gpa;
   std::uint32_t len = 0;
   bool device_writes = false;
+  std::optional<Iova> premapped = std::nullopt;
 };
 
 // A completion as the driver sees it: the id add() returned and the number of bytes the

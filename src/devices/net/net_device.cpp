@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -42,6 +43,15 @@ void signal(int fd) {
 void put_le16(std::uint8_t* p, std::uint16_t v) {
   p[0] = static_cast<std::uint8_t>(v);
   p[1] = static_cast<std::uint8_t>(v >> 8);
+}
+
+// One 8-byte store on a little-endian host (the source's sequence number, every frame).
+void put_le64(std::uint8_t* p, std::uint64_t v) {
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    for (int k = 0; k < 8; ++k) p[k] = static_cast<std::uint8_t>(v >> (8 * k));
+  }
 }
 
 }  // namespace
@@ -182,7 +192,9 @@ Result<void, std::string> NetDevice::open() {
         p->tx_buf.resize(kMaxFrame);
         break;
       }
-      case NetMode::sink: break;
+      case NetMode::sink:
+        if (options_.sink_read) p->tx_buf.resize(kMaxFrame);
+        break;
     }
     pairs_.push_back(std::move(p));
   }
@@ -423,7 +435,7 @@ Result<void, std::string> NetDevice::load_state(const DeviceStateReader& in,
 
 NetQueueStats NetDevice::stats(std::uint32_t queue) const {
   const Counters& c = counters_.at(queue);
-  return {c.packets.load(), c.bytes.load(), c.dropped.load()};
+  return {c.packets.load(), c.bytes.load(), c.dropped.load(), c.bytes_read.load()};
 }
 
 void NetDevice::make_source_frame(std::span<std::uint8_t> f, const std::array<std::uint8_t, 6>& dst,
@@ -437,7 +449,7 @@ void NetDevice::make_source_frame(std::span<std::uint8_t> f, const std::array<st
   f[13] = 0xb5;
   std::copy(kNetSourceMarker.begin(), kNetSourceMarker.end(), f.begin() + 14);
   for (int k = 0; k < 4; ++k) f[22 + k] = static_cast<std::uint8_t>(queue >> (8 * k));
-  for (int k = 0; k < 8; ++k) f[26 + k] = static_cast<std::uint8_t>(seq >> (8 * k));
+  put_le64(f.data() + 26, seq);
   for (std::size_t k = 34; k < f.size(); ++k) f[k] = static_cast<std::uint8_t>(k);
 }
 
@@ -504,8 +516,7 @@ std::span<std::uint8_t> NetDevice::frame(std::uint32_t queue, Pair& p, std::size
         make_source_frame(f, {0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, queue, p.seq + i);
         p.source_built = true;
       } else {
-        std::uint64_t seq = p.seq + i;  // only the sequence number changes
-        for (int k = 0; k < 8; ++k) f[26 + k] = static_cast<std::uint8_t>(seq >> (8 * k));
+        put_le64(f.data() + 26, p.seq + i);  // only the sequence number changes
       }
       return p.source_frame;
     }
@@ -573,11 +584,31 @@ QueueWork NetDevice::receive(std::uint32_t queue, Virtqueue& vq, Pair& p) {
   bool dry = false;
   while (ci < b.size() && delivered < ready && !dry) {
     std::span<std::uint8_t> stored = frame(queue, p, delivered);
-    // The header goes in the room before the frame: zeros, num_buffers = 1.
+    // The header goes in the room before the frame: zeros, num_buffers = 1. (Fixed-size
+    // copies: inline stores, not a library call per frame.)
     std::uint8_t* h = stored.data() + kHdrRoom - hdr;
-    std::memset(h, 0, hdr);
-    if (hdr == 12) put_le16(h + 10, 1);
+    if (hdr == 12) {
+      static constexpr std::uint8_t kHdr12[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0};
+      std::memcpy(h, kHdr12, sizeof kHdr12);
+    } else {
+      std::memset(h, 0, hdr);
+    }
     std::span<const std::uint8_t> data(h, hdr + (stored.size() - kHdrRoom));
+    if (b[ci].writable_len >= data.size()) {
+      // The common case: the whole packet fits in the next chain (num_buffers 1).
+      const DescChain& c = b[ci];
+      auto wr = vq.write_chain(b, c, 0, data);
+      if (!wr) {
+        w.error = wr.error();
+        break;
+      }
+      done.push_back(Completion{c.id, c.ring_descs, *wr});
+      ++ci;
+      ++delivered;
+      ++packets;
+      bytes += data.size() - hdr;
+      continue;
+    }
     std::size_t first_done = done.size();
     std::size_t first_chain = ci;
     std::size_t off = 0;
@@ -684,7 +715,7 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
   if (b.size() == 0) return w;
   auto& done = p.tx_done;
   done.clear();
-  std::uint64_t bytes = 0, packets = 0, dropped = 0;
+  std::uint64_t bytes = 0, packets = 0, dropped = 0, read = 0;
   std::uint64_t tail = p.tail.load(std::memory_order_relaxed);
   for (const DescChain& c : b.chains()) {
     done.push_back(Completion{c.id, c.ring_descs, 0});
@@ -695,6 +726,8 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
     std::uint32_t len = c.readable_len - hdr;
     switch (options_.mode) {
       case NetMode::sink:
+        if (options_.sink_read) read += vq.read_chain(b, c, hdr, std::span(p.tx_buf).first(len));
+        break;
       case NetMode::source: break;
       case NetMode::loopback: {
         auto& slot = p.ring[tail % p.ring.size()];
@@ -729,6 +762,7 @@ QueueWork NetDevice::transmit(std::uint32_t queue, Virtqueue& vq, Pair& p) {
   ctr.packets.fetch_add(packets, std::memory_order_relaxed);
   ctr.bytes.fetch_add(bytes, std::memory_order_relaxed);
   if (dropped > 0) ctr.dropped.fetch_add(dropped, std::memory_order_relaxed);
+  if (read > 0) ctr.bytes_read.fetch_add(read, std::memory_order_relaxed);
   return w;
 }
 

@@ -64,6 +64,9 @@ def main():
         (["--socket-path", "x", "--mac", "52:54:00"], "bad MAC"),
         (["--socket-path", "x", "--packet-size", "10", "--mode", "source"], "tiny packet size"),
         (["--socket-path", "x", "--mode", "tap"], "tap mode without --tap"),
+        (["--socket-path", "x", "--iotlb-entries", "0"], "an IOTLB of no entries"),
+        (["--socket-path", "x", "--iotlb-entries", "4194305"], "an IOTLB above 2^22 entries"),
+        (["--socket-path", "x", "--sink-read"], "--sink-read outside sink mode"),
         (["--socket-path", "x", "--frobnicate"], "unknown option"),
         (["--socket-path", os.path.join(work, "no/such/dir/s.sock")], "socket in a missing dir"),
     ]
