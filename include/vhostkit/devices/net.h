@@ -84,7 +84,7 @@ struct NetQueueStats {
   std::uint64_t packets = 0;
   std::uint64_t bytes = 0;       // frame bytes, without the virtio-net header
   std::uint64_t dropped = 0;     // packets lost (no room, malformed, tap refused)
-  std::uint64_t bytes_read = 0;  // sink_read: frame bytes copied out of the guest
+  std::uint64_t bytes_read = 0;  // sink_read: frame bytes copied out (not in the device state)
 };
 
 // The marker at the start of a source frame's payload (after the Ethernet header).
