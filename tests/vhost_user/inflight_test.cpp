@@ -1,0 +1,411 @@
+// Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) through the real socket.
+//
+// Each back-end runs in a child process (fork) serving one end of a socketpair, with the
+// echo device and a crash hook that _exits the child at a chosen CrashPoint: after a
+// chain is marked in flight and before the device has it (between pop and I/O submit),
+// at the start of push (I/O done, nothing pushed), after the used elements (mid-push),
+// after the used index and before the records are cleared, after the records are cleared
+// and before the region's used index (mid used-index update). The front-end (this
+// process, FrontendClient + the guest-driver model) keeps the inflight area, reconnects
+// to a new child and replays the session. Checked: every request completes exactly once
+// (the driver model breaks on a completion for an id that is not outstanding) with the
+// bytes a reference model expects, and the driver model never sees a device error.
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <rapidcheck/gtest.h>
+
+#include "support/echo_device.h"
+#include "vhostkit/frontend/frontend_client.h"
+#include "vhostkit/frontend/guest_memory.h"
+#include "vhostkit/frontend/virtio_driver.h"
+#include "vhostkit/log.h"
+#include "vhostkit/vhost_user/backend_server.h"
+
+namespace vhostkit {
+namespace {
+
+using namespace frontend;
+using namespace std::chrono_literals;
+using vhost_user::FrontendRequest;
+using vhost_user::InflightDesc;
+
+constexpr std::uint64_t kA = 0x100000, kASize = 0x200000;
+
+// The crash plan of the child being forked (the child reads it after fork).
+CrashPoint g_point = CrashPoint::popped;
+int g_countdown = 0;
+void crash_hook(CrashPoint p) {
+  if (p == g_point && --g_countdown == 0) ::_exit(42);
+}
+
+struct Child {
+  pid_t pid = -1;
+  UniqueFd sock;  // the front-end's end
+};
+
+// A back-end in a child process; with countdown > 0 it dies at the countdown-th time it
+// reaches point.
+Child spawn_backend(CrashPoint point, int countdown) {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return {};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(sv[1]);
+    set_log_sink([](LogLevel, std::string_view) {}, LogLevel::error);
+    if (countdown > 0) {
+      g_point = point;
+      g_countdown = countdown;
+      set_crash_hook(&crash_hook);
+    }
+    testing::EchoDevice dev;
+    dev.track_inflight = true;
+    BackendServer server(dev);
+    server.serve(UniqueFd(sv[0]));
+    ::_exit(0);
+  }
+  ::close(sv[0]);
+  return Child{pid, UniqueFd(sv[1])};
+}
+
+// Whether the child has ended (reaped).
+bool ended(Child& c) {
+  if (c.pid < 0) return true;
+  int status = 0;
+  if (::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+    c.pid = -1;
+    return true;
+  }
+  return false;
+}
+
+void finish(Child& c) {
+  c.sock.reset();
+  if (c.pid > 0) {
+    int status = 0;
+    ::waitpid(c.pid, &status, 0);
+    c.pid = -1;
+  }
+}
+
+struct Plan {
+  std::uint16_t size = 16;
+  bool indirect = false;
+  bool event_idx = false;
+  std::uint32_t requests = 60;
+  std::vector<std::pair<CrashPoint, int>> crashes;  // one per back-end, in order
+};
+
+struct Outcome {
+  std::string error;  // empty: every request completed exactly once with the right bytes
+  int restarts = 0;
+};
+
+// Drives plan.requests echo requests through back-ends that crash as planned.
+Outcome run(const Plan& plan, std::uint64_t seed) {
+  Outcome out;
+  auto mem = GuestMemory::create({{Gpa(kA), kASize}});
+  if (!mem) return {"memory: " + mem.error()};
+  auto drv = VirtioDriver::create(
+      *mem,
+      DriverOptions{.size = plan.size, .indirect = plan.indirect, .event_idx = plan.event_idx});
+  if (!drv) return {"driver: " + drv.error()};
+  ClientOptions opts;
+  opts.want_features = (plan.indirect ? virtio::bit(virtio::kFRingIndirectDesc) : 0) |
+                       (plan.event_idx ? virtio::bit(virtio::kFRingEventIdx) : 0);
+  std::size_t next_crash = 0;
+  auto plan_of = [&]() -> std::pair<CrashPoint, int> {
+    if (next_crash < plan.crashes.size()) return plan.crashes[next_crash++];
+    return {CrashPoint::popped, 0};
+  };
+  auto [p0, c0] = plan_of();
+  Child child = spawn_backend(p0, c0);
+  if (child.pid < 0) return {"fork failed"};
+  auto client = FrontendClient::adopt(std::move(child.sock));
+  std::vector<RingNotifiers> rings;
+  {
+    if (auto r = client->negotiate(opts); !r) return {"negotiate: " + r.error()};
+    if (!client->inflight()) return {"INFLIGHT_SHMFD not negotiated"};
+    if (auto r = client->set_mem_table(*mem); !r) return {"mem table: " + r.error()};
+    if (auto r = client->setup_inflight(1, plan.size); !r) return {"inflight: " + r.error()};
+    auto n = client->start_queue(0, *mem, *drv);
+    if (!n) return {"start: " + n.error()};
+    rings.push_back(std::move(*n));
+    if (auto r = client->driver_ok(); !r) return {"driver_ok: " + r.error()};
+  }
+
+  // Reference model: request k's bytes, and how often it completed.
+  std::uint64_t rng = seed | 1;
+  auto next = [&] {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+  };
+  struct Request {
+    std::vector<std::uint8_t> bytes;
+    Gpa in, out;
+    int completions = 0;
+  };
+  std::vector<Request> reqs(plan.requests);
+  std::map<std::uint16_t, std::uint32_t> by_id;  // outstanding: driver id -> request
+  const std::uint64_t slot = 0x1000;             // each request's buffers, by request number
+  const std::uint64_t arena = kA + 0x80000;
+  std::uint32_t issued = 0, completed = 0;
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (completed < plan.requests) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      out.error = fmt::format("stuck: {} of {} completed, {} outstanding", completed, plan.requests,
+                              by_id.size());
+      break;
+    }
+    // Issue what fits.
+    bool added = false;
+    while (issued < plan.requests && drv->free_descriptors() >= 2 && by_id.size() < plan.size) {
+      Request& r = reqs[issued];
+      r.bytes.resize(8 + next() % 600);
+      std::memcpy(r.bytes.data(), &issued, 4);
+      for (std::size_t i = 4; i < r.bytes.size(); ++i)
+        r.bytes[i] = static_cast<std::uint8_t>(next());
+      const std::uint64_t base = arena + (issued % 256) * 2 * slot;
+      r.in = Gpa(base);
+      r.out = Gpa(base + slot);
+      if (!mem->write(r.in, r.bytes)) return {"write request"};
+      std::vector<DriverBuffer> bufs{{r.in, static_cast<std::uint32_t>(r.bytes.size()), false},
+                                     {r.out, static_cast<std::uint32_t>(slot), true}};
+      auto id = drv->add(bufs);
+      if (!id) return {"add: " + id.error()};
+      by_id[*id] = issued++;
+      added = true;
+    }
+    if (added) {
+      drv->publish();
+      std::uint64_t one = 1;
+      (void)!::write(rings[0].kick.get(), &one, 8);
+    }
+    // Collect completions.
+    bool progress = false;
+    while (auto u = drv->poll()) {
+      progress = true;
+      auto it = by_id.find(u->id);
+      if (it == by_id.end()) return {fmt::format("completion for id {} not outstanding", u->id)};
+      Request& r = reqs[it->second];
+      by_id.erase(it);
+      ++r.completions;
+      ++completed;
+      if (u->len != r.bytes.size())
+        return {fmt::format("request {}: {} bytes written, {} expected", &r - reqs.data(), u->len,
+                            r.bytes.size())};
+      std::vector<std::uint8_t> got(r.bytes.size());
+      if (!mem->read(r.out, got) || got != r.bytes)
+        return {fmt::format("request {}: echoed bytes differ", &r - reqs.data())};
+    }
+    if (drv->broken()) return {"the driver model saw a device error (a completion twice?)"};
+    if (progress) continue;
+    if (ended(child)) {
+      // The back-end died: a new one on the same "path", the session replayed.
+      auto [p, c] = plan_of();
+      Child fresh = spawn_backend(p, c);
+      if (fresh.pid < 0) return {"fork failed"};
+      child.pid = fresh.pid;
+      const VirtioDriver* ds[] = {&*drv};
+      auto rs = client->reconnect(std::move(fresh.sock), opts, *mem, ds);
+      if (!rs) {
+        // The new back-end may itself die during the replay (its crash point came
+        // early): the next round sees it gone and starts another.
+        rings.clear();
+        continue;
+      }
+      rings = std::move(*rs);
+      ++out.restarts;
+      std::uint64_t one = 1;
+      (void)!::write(rings[0].kick.get(), &one, 8);
+      continue;
+    }
+    std::this_thread::sleep_for(50us);
+    if (!rings.empty()) {
+      // A kick lost with a dead back-end is sent again to its successor.
+      std::uint64_t one = 1;
+      (void)!::write(rings[0].kick.get(), &one, 8);
+    }
+  }
+  client->close();
+  finish(child);
+  for (std::size_t k = 0; k < reqs.size() && out.error.empty(); ++k)
+    if (reqs[k].completions != 1)
+      out.error = fmt::format("request {} completed {} times", k, reqs[k].completions);
+  return out;
+}
+
+constexpr CrashPoint kPoints[] = {CrashPoint::popped, CrashPoint::push_begin,
+                                  CrashPoint::used_written, CrashPoint::used_idx_stored,
+                                  CrashPoint::inflight_cleared};
+
+// Each crash point on its own, deterministically: the back-end dies there once.
+class InflightCrash : public ::testing::TestWithParam<CrashPoint> {};
+
+TEST_P(InflightCrash, EveryRequestCompletesExactlyOnceAfterARestart) {
+  for (int countdown : {1, 2, 7}) {
+    Plan plan;
+    plan.crashes = {{GetParam(), countdown}};
+    Outcome o = run(plan, 12345 + countdown);
+    EXPECT_EQ(o.error, "") << "countdown " << countdown;
+    EXPECT_EQ(o.restarts, 1) << "countdown " << countdown;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Points, InflightCrash, ::testing::ValuesIn(kPoints),
+                         [](const auto& param_info) {
+                           return std::to_string(static_cast<int>(param_info.param));
+                         });
+
+RC_GTEST_PROP(InflightProperty, RandomWorkloadsAndCrashesCompleteEveryRequestOnce, ()) {
+  Plan plan;
+  plan.size = *rc::gen::element<std::uint16_t>(4, 16, 64);
+  plan.indirect = *rc::gen::arbitrary<bool>();
+  plan.event_idx = *rc::gen::arbitrary<bool>();
+  plan.requests = *rc::gen::inRange<std::uint32_t>(1, 150);
+  const auto n = *rc::gen::inRange(1, 4);
+  for (int i = 0; i < n; ++i)
+    plan.crashes.emplace_back(kPoints[*rc::gen::inRange<std::size_t>(0, std::size(kPoints))],
+                              *rc::gen::inRange(1, 12));
+  const auto seed = *rc::gen::arbitrary<std::uint64_t>();
+  Outcome o = run(plan, seed);
+  RC_TAG(o.restarts);
+  RC_ASSERT(o.error == "");
+}
+
+// The offer, and hostile GET/SET_INFLIGHT_FD requests.
+struct Direct {
+  testing::EchoDevice dev;
+  std::unique_ptr<BackendServer> server;
+  std::thread t;
+  std::unique_ptr<FrontendClient> client;
+  explicit Direct(bool track) {
+    dev.track_inflight = track;
+    server = std::make_unique<BackendServer>(dev);
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    t = std::thread([this, fd = sv[0]] { server->serve(UniqueFd(fd)); });
+    client = FrontendClient::adopt(UniqueFd(sv[1]));
+    EXPECT_TRUE(client->negotiate({}).has_value());
+  }
+  ~Direct() {
+    client->close();
+    t.join();
+  }
+};
+
+TEST(Inflight, OfferedOnlyWhenTheDeviceOptsIn) {
+  Direct off(false);
+  EXPECT_FALSE(off.client->inflight());
+  EXPECT_FALSE(off.client->setup_inflight(1, 16).has_value());
+  Direct on(true);
+  EXPECT_TRUE(on.client->inflight());
+  ASSERT_TRUE(on.client->setup_inflight(1, 16).has_value());
+  EXPECT_EQ(on.client->inflight_area().size(), inflight::queue_region_size(16));
+}
+
+UniqueFd memfd_of(std::uint64_t size) {
+  UniqueFd fd(::memfd_create("inflight-test", MFD_CLOEXEC));
+  EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+  return fd;
+}
+
+TEST(Inflight, HostileSizesAndOffsetsAreRefused) {
+  Direct d(true);
+  auto& c = *d.client;
+  auto get = [&](std::uint16_t queues, std::uint16_t size) {
+    auto r = c.request_reply(vhost_user::make_request(FrontendRequest::get_inflight_fd,
+                                                      InflightDesc{0, 0, queues, size, {}}));
+    EXPECT_TRUE(r.has_value());
+    return r ? vhost_user::decode_payload<InflightDesc>(*r)->mmap_size : 1;
+  };
+  EXPECT_EQ(get(0, 16), 0u);     // no queue
+  EXPECT_EQ(get(2, 16), 0u);     // more queues than the device has
+  EXPECT_EQ(get(1, 0), 0u);      // empty queue
+  EXPECT_EQ(get(1, 32768), 0u);  // beyond what we run
+  EXPECT_EQ(get(1, 256), inflight::queue_region_size(256));
+  const std::uint64_t need = inflight::queue_region_size(16);
+  auto set = [&](InflightDesc desc, std::uint64_t file) {
+    auto m = vhost_user::make_request(FrontendRequest::set_inflight_fd, desc);
+    m.fds.push_back(memfd_of(file));
+    return c.request_ack(std::move(m)).has_value();
+  };
+  EXPECT_FALSE(set({need - 1, 0, 1, 16, {}}, 1 << 20));         // too small for the queues
+  EXPECT_FALSE(set({need, 0, 1, 16, {}}, need - 1));            // beyond the file
+  EXPECT_FALSE(set({need, 4096, 1, 16, {}}, need));             // offset past the end
+  EXPECT_FALSE(set({need, 100, 1, 16, {}}, 1 << 20));           // unaligned offset
+  EXPECT_FALSE(set({~0ULL - 4095, 4096, 1, 16, {}}, 1 << 20));  // size overflowing
+  EXPECT_FALSE(set({need * 9, 0, 1, 16, {}}, 1 << 20));         // far larger than needed
+  EXPECT_FALSE(set({need, 0, 3, 16, {}}, 1 << 20));             // too many queues
+  EXPECT_TRUE(set({need, 4096, 1, 16, {}}, 4096 + need));       // well formed
+  EXPECT_EQ(d.server->messages_rejected(), 11u);
+}
+
+// A driver reset (RESET_DEVICE) clears the records; a disconnect keeps them.
+TEST(Inflight, AResetClearsTheRecordsADisconnectKeepsThem) {
+  auto mem = GuestMemory::create({{Gpa(kA), kASize}});
+  ASSERT_TRUE(mem.has_value());
+  auto drv = VirtioDriver::create(*mem, DriverOptions{.size = 16});
+  ASSERT_TRUE(drv.has_value());
+  Direct d(true);
+  // Hold the worker after its pop: the chain stays in flight while we look.
+  std::atomic<bool> hold{true};
+  d.dev.after_pop = [&](std::uint32_t) {
+    while (hold.load()) std::this_thread::sleep_for(1ms);
+  };
+  auto& c = *d.client;
+  ASSERT_TRUE(c.set_mem_table(*mem).has_value());
+  ASSERT_TRUE(c.setup_inflight(1, 16).has_value());
+  auto n = c.start_queue(0, *mem, *drv);
+  ASSERT_TRUE(n.has_value());
+  ASSERT_TRUE(c.driver_ok().has_value());
+  std::vector<DriverBuffer> bufs{{Gpa(kA + 0x80000), 8, false}, {Gpa(kA + 0x81000), 8, true}};
+  auto id = drv->add(bufs);
+  ASSERT_TRUE(id.has_value());
+  drv->publish();
+  std::uint64_t one = 1;
+  ASSERT_EQ(::write(n->kick.get(), &one, 8), 8);
+  auto area = c.inflight_area();
+  auto flag = [&] { return area[inflight::desc_state(*id) + inflight::kInflight]; };
+  auto until = std::chrono::steady_clock::now() + 5s;
+  while (flag() != 1 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(flag(), 1) << "pop marks the head in flight";
+  hold = false;
+  until = std::chrono::steady_clock::now() + 5s;
+  std::optional<UsedBuffer> u;
+  while (!(u = drv->poll()) && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(u.has_value());
+  EXPECT_EQ(flag(), 0) << "push clears it";
+  std::uint16_t used_rec;
+  std::memcpy(&used_rec, area.data() + inflight::kUsedIdx, 2);
+  EXPECT_EQ(used_rec, 1);
+  // A record left in flight (as a crashed predecessor would) goes with a reset.
+  auto* w = const_cast<std::uint8_t*>(area.data());
+  w[inflight::desc_state(3) + inflight::kInflight] = 1;
+  ASSERT_TRUE(c.reset_device().has_value());
+  EXPECT_EQ(area[inflight::desc_state(3) + inflight::kInflight], 0);
+  // A disconnect leaves them for the next back-end.
+  w[inflight::desc_state(5) + inflight::kInflight] = 1;
+  const std::uint64_t resets = d.dev.resets.load();
+  c.close();
+  until = std::chrono::steady_clock::now() + 5s;
+  while (d.dev.resets.load() == resets && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_GT(d.dev.resets.load(), resets);
+  EXPECT_EQ(area[inflight::desc_state(5) + inflight::kInflight], 1);
+}
+
+}  // namespace
+}  // namespace vhostkit
