@@ -1,4 +1,6 @@
 // Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) through the real socket.
+// Two workloads: the echo device, and virtio-blk (BlkDevice) on an image whose contents a
+// reference model predicts.
 //
 // Each back-end runs in a child process (fork) serving one end of a socketpair, with the
 // echo device and a crash hook that _exits the child at a chosen CrashPoint: after a
@@ -10,6 +12,7 @@
 // to a new child and replays the session. Checked: every request completes exactly once
 // (the driver model breaks on a completion for an id that is not outstanding) with the
 // bytes a reference model expects, and the driver model never sees a device error.
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -25,6 +28,7 @@
 #include <rapidcheck/gtest.h>
 
 #include "support/echo_device.h"
+#include "vhostkit/devices/blk.h"
 #include "vhostkit/frontend/frontend_client.h"
 #include "vhostkit/frontend/guest_memory.h"
 #include "vhostkit/frontend/virtio_driver.h"
@@ -39,7 +43,159 @@ using namespace std::chrono_literals;
 using vhost_user::FrontendRequest;
 using vhost_user::InflightDesc;
 
-constexpr std::uint64_t kA = 0x100000, kASize = 0x200000;
+constexpr std::uint64_t kA = 0x100000, kASize = 0x400000;
+constexpr std::uint64_t kArena = kA + 0x80000;  // request buffers: kSlot bytes each
+constexpr std::uint64_t kSlot = 0x3000;
+
+std::uint64_t xorshift(std::uint64_t& s) {
+  s ^= s << 13;
+  s ^= s >> 7;
+  s ^= s << 17;
+  return s;
+}
+
+// What the requests are and what their completions must show (the reference model).
+class Workload {
+ public:
+  virtual ~Workload() = default;
+  // The device a back-end serves (called in the child).
+  virtual std::unique_ptr<Device> make_device() = 0;
+  // Request k's buffers, written into guest memory at base, or nullopt if it must wait.
+  virtual std::optional<std::vector<DriverBuffer>> issue(std::uint32_t k, GuestMemory& mem,
+                                                         Gpa base, std::uint64_t& rng) = 0;
+  // Checks request k's completion; empty if right.
+  virtual std::string complete(std::uint32_t k, std::uint32_t used_len, GuestMemory& mem) = 0;
+  virtual std::string final_check() { return {}; }
+};
+
+// Echo: the device copies each request's bytes into its writable buffer.
+class EchoWorkload : public Workload {
+ public:
+  std::unique_ptr<Device> make_device() override {
+    auto d = std::make_unique<testing::EchoDevice>();
+    d->track_inflight = true;
+    return d;
+  }
+  std::optional<std::vector<DriverBuffer>> issue(std::uint32_t k, GuestMemory& mem, Gpa base,
+                                                 std::uint64_t& rng) override {
+    auto& r = reqs_[k];
+    r.bytes.resize(8 + xorshift(rng) % 600);
+    std::memcpy(r.bytes.data(), &k, 4);
+    for (std::size_t i = 4; i < r.bytes.size(); ++i)
+      r.bytes[i] = static_cast<std::uint8_t>(xorshift(rng));
+    r.out = Gpa(base.value + 0x1000);
+    if (!mem.write(base, r.bytes)) return std::nullopt;
+    return std::vector<DriverBuffer>{{base, static_cast<std::uint32_t>(r.bytes.size()), false},
+                                     {r.out, 0x1000, true}};
+  }
+  std::string complete(std::uint32_t k, std::uint32_t used_len, GuestMemory& mem) override {
+    auto& r = reqs_[k];
+    if (used_len != r.bytes.size())
+      return fmt::format("request {}: {} bytes written, {} expected", k, used_len, r.bytes.size());
+    std::vector<std::uint8_t> got(r.bytes.size());
+    if (!mem.read(r.out, got) || got != r.bytes) return fmt::format("request {}: echo differs", k);
+    reqs_.erase(k);
+    return {};
+  }
+
+ private:
+  struct Req {
+    std::vector<std::uint8_t> bytes;
+    Gpa out;
+  };
+  std::map<std::uint32_t, Req> reqs_;
+};
+
+// virtio-blk on an image: writes and reads of 1-8 sectors in 64 slots of 4 KiB, never two
+// requests on one slot at a time (so the reference image is unambiguous even when a
+// successor writes a request again). Reads must return the reference; at the end the
+// image file must equal it.
+class BlkWorkload : public Workload {
+ public:
+  static constexpr std::uint32_t kSlots = 64;
+  explicit BlkWorkload(std::string path) : path_(std::move(path)), ref_(kSlots * 4096, 0) {
+    UniqueFd fd(::open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    EXPECT_TRUE(fd.valid());
+    EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(ref_.size())), 0);
+  }
+  ~BlkWorkload() override { ::unlink(path_.c_str()); }
+  std::unique_ptr<Device> make_device() override {
+    BlkOptions o;
+    o.path = path_;
+    o.queues = 1;
+    o.workers = 1;
+    auto d = BlkDevice::open(o);
+    if (!d) ::_exit(2);
+    return std::move(*d);
+  }
+  std::optional<std::vector<DriverBuffer>> issue(std::uint32_t k, GuestMemory& mem, Gpa base,
+                                                 std::uint64_t& rng) override {
+    std::vector<std::uint32_t> free;
+    for (std::uint32_t s = 0; s < kSlots; ++s)
+      if (!busy_[s]) free.push_back(s);
+    if (free.empty()) return std::nullopt;
+    Req r;
+    r.slot = free[xorshift(rng) % free.size()];
+    r.write = xorshift(rng) % 2 == 0;
+    r.len = static_cast<std::uint32_t>(512 * (1 + xorshift(rng) % 8));
+    r.data = Gpa(base.value + 0x1000);
+    r.status = Gpa(base.value + 0x20);
+    struct {
+      std::uint32_t type, reserved;
+      std::uint64_t sector;
+    } hdr{r.write ? 1u : 0u, 0, r.slot * 8ull};
+    if (!mem.write(base, std::span(reinterpret_cast<const std::uint8_t*>(&hdr), 16)))
+      return std::nullopt;
+    std::uint8_t poison = 0xee;
+    if (!mem.write(r.status, std::span(&poison, 1))) return std::nullopt;
+    if (r.write) {
+      std::vector<std::uint8_t> bytes(r.len);
+      for (auto& b : bytes) b = static_cast<std::uint8_t>(xorshift(rng));
+      if (!mem.write(r.data, bytes)) return std::nullopt;
+      std::memcpy(ref_.data() + r.slot * 4096ull, bytes.data(), r.len);
+    }
+    busy_[r.slot] = true;
+    reqs_[k] = r;
+    return std::vector<DriverBuffer>{
+        {base, 16, false}, {r.data, r.len, !r.write}, {r.status, 1, true}};
+  }
+  std::string complete(std::uint32_t k, std::uint32_t used_len, GuestMemory& mem) override {
+    Req r = reqs_[k];
+    reqs_.erase(k);
+    busy_[r.slot] = false;
+    std::uint8_t status = 0xff;
+    if (!mem.read(r.status, std::span(&status, 1)) || status != 0)
+      return fmt::format("request {}: status {}", k, status);
+    if (used_len != (r.write ? 1 : r.len + 1))
+      return fmt::format("request {}: used length {}", k, used_len);
+    if (!r.write) {
+      std::vector<std::uint8_t> got(r.len);
+      if (!mem.read(r.data, got) ||
+          std::memcmp(got.data(), ref_.data() + r.slot * 4096ull, r.len) != 0)
+        return fmt::format("request {}: read of slot {} differs from the reference", k, r.slot);
+    }
+    return {};
+  }
+  std::string final_check() override {
+    std::vector<std::uint8_t> image(ref_.size());
+    UniqueFd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (::pread(fd.get(), image.data(), image.size(), 0) != static_cast<ssize_t>(image.size()))
+      return "image read";
+    if (image != ref_) return "the image differs from the reference";
+    return {};
+  }
+
+ private:
+  struct Req {
+    std::uint32_t slot = 0, len = 0;
+    bool write = false;
+    Gpa data, status;
+  };
+  std::string path_;
+  std::vector<std::uint8_t> ref_;
+  bool busy_[kSlots] = {};
+  std::map<std::uint32_t, Req> reqs_;
+};
 
 // The crash plan of the child being forked (the child reads it after fork).
 CrashPoint g_point = CrashPoint::popped;
@@ -55,7 +211,7 @@ struct Child {
 
 // A back-end in a child process; with countdown > 0 it dies at the countdown-th time it
 // reaches point.
-Child spawn_backend(CrashPoint point, int countdown) {
+Child spawn_backend(Workload& w, CrashPoint point, int countdown) {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return {};
   pid_t pid = ::fork();
@@ -67,9 +223,8 @@ Child spawn_backend(CrashPoint point, int countdown) {
       g_countdown = countdown;
       set_crash_hook(&crash_hook);
     }
-    testing::EchoDevice dev;
-    dev.track_inflight = true;
-    BackendServer server(dev);
+    auto dev = w.make_device();
+    BackendServer server(*dev);
     server.serve(UniqueFd(sv[0]));
     ::_exit(0);
   }
@@ -110,8 +265,8 @@ struct Outcome {
   int restarts = 0;
 };
 
-// Drives plan.requests echo requests through back-ends that crash as planned.
-Outcome run(const Plan& plan, std::uint64_t seed) {
+// Drives plan.requests requests of w through back-ends that crash as planned.
+Outcome run(Workload& w, const Plan& plan, std::uint64_t seed) {
   Outcome out;
   auto mem = GuestMemory::create({{Gpa(kA), kASize}});
   if (!mem) return {"memory: " + mem.error()};
@@ -128,7 +283,7 @@ Outcome run(const Plan& plan, std::uint64_t seed) {
     return {CrashPoint::popped, 0};
   };
   auto [p0, c0] = plan_of();
-  Child child = spawn_backend(p0, c0);
+  Child child = spawn_backend(w, p0, c0);
   if (child.pid < 0) return {"fork failed"};
   auto client = FrontendClient::adopt(std::move(child.sock));
   std::vector<RingNotifiers> rings;
@@ -143,24 +298,14 @@ Outcome run(const Plan& plan, std::uint64_t seed) {
     if (auto r = client->driver_ok(); !r) return {"driver_ok: " + r.error()};
   }
 
-  // Reference model: request k's bytes, and how often it completed.
   std::uint64_t rng = seed | 1;
-  auto next = [&] {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
-  };
-  struct Request {
-    std::vector<std::uint8_t> bytes;
-    Gpa in, out;
-    int completions = 0;
-  };
-  std::vector<Request> reqs(plan.requests);
+  std::vector<int> completions(plan.requests, 0);
   std::map<std::uint16_t, std::uint32_t> by_id;  // outstanding: driver id -> request
-  const std::uint64_t slot = 0x1000;             // each request's buffers, by request number
-  const std::uint64_t arena = kA + 0x80000;
   std::uint32_t issued = 0, completed = 0;
+  auto kick = [&] {
+    std::uint64_t one = 1;
+    if (!rings.empty()) (void)!::write(rings[0].kick.get(), &one, 8);
+  };
   auto deadline = std::chrono::steady_clock::now() + 5s;
   while (completed < plan.requests) {
     if (std::chrono::steady_clock::now() > deadline) {
@@ -170,27 +315,17 @@ Outcome run(const Plan& plan, std::uint64_t seed) {
     }
     // Issue what fits.
     bool added = false;
-    while (issued < plan.requests && drv->free_descriptors() >= 2 && by_id.size() < plan.size) {
-      Request& r = reqs[issued];
-      r.bytes.resize(8 + next() % 600);
-      std::memcpy(r.bytes.data(), &issued, 4);
-      for (std::size_t i = 4; i < r.bytes.size(); ++i)
-        r.bytes[i] = static_cast<std::uint8_t>(next());
-      const std::uint64_t base = arena + (issued % 256) * 2 * slot;
-      r.in = Gpa(base);
-      r.out = Gpa(base + slot);
-      if (!mem->write(r.in, r.bytes)) return {"write request"};
-      std::vector<DriverBuffer> bufs{{r.in, static_cast<std::uint32_t>(r.bytes.size()), false},
-                                     {r.out, static_cast<std::uint32_t>(slot), true}};
-      auto id = drv->add(bufs);
+    while (issued < plan.requests && drv->free_descriptors() >= 3 && by_id.size() < plan.size) {
+      auto bufs = w.issue(issued, *mem, Gpa(kArena + (issued % 256) * kSlot), rng);
+      if (!bufs) break;
+      auto id = drv->add(*bufs);
       if (!id) return {"add: " + id.error()};
       by_id[*id] = issued++;
       added = true;
     }
     if (added) {
       drv->publish();
-      std::uint64_t one = 1;
-      (void)!::write(rings[0].kick.get(), &one, 8);
+      kick();
     }
     // Collect completions.
     bool progress = false;
@@ -198,23 +333,18 @@ Outcome run(const Plan& plan, std::uint64_t seed) {
       progress = true;
       auto it = by_id.find(u->id);
       if (it == by_id.end()) return {fmt::format("completion for id {} not outstanding", u->id)};
-      Request& r = reqs[it->second];
+      const std::uint32_t k = it->second;
       by_id.erase(it);
-      ++r.completions;
+      ++completions[k];
       ++completed;
-      if (u->len != r.bytes.size())
-        return {fmt::format("request {}: {} bytes written, {} expected", &r - reqs.data(), u->len,
-                            r.bytes.size())};
-      std::vector<std::uint8_t> got(r.bytes.size());
-      if (!mem->read(r.out, got) || got != r.bytes)
-        return {fmt::format("request {}: echoed bytes differ", &r - reqs.data())};
+      if (auto e = w.complete(k, u->len, *mem); !e.empty()) return {e};
     }
     if (drv->broken()) return {"the driver model saw a device error (a completion twice?)"};
     if (progress) continue;
     if (ended(child)) {
       // The back-end died: a new one on the same "path", the session replayed.
       auto [p, c] = plan_of();
-      Child fresh = spawn_backend(p, c);
+      Child fresh = spawn_backend(w, p, c);
       if (fresh.pid < 0) return {"fork failed"};
       child.pid = fresh.pid;
       const VirtioDriver* ds[] = {&*drv};
@@ -227,23 +357,25 @@ Outcome run(const Plan& plan, std::uint64_t seed) {
       }
       rings = std::move(*rs);
       ++out.restarts;
-      std::uint64_t one = 1;
-      (void)!::write(rings[0].kick.get(), &one, 8);
+      kick();
       continue;
     }
     std::this_thread::sleep_for(50us);
-    if (!rings.empty()) {
-      // A kick lost with a dead back-end is sent again to its successor.
-      std::uint64_t one = 1;
-      (void)!::write(rings[0].kick.get(), &one, 8);
-    }
+    kick();  // a kick a dead back-end never read goes to its successor
   }
   client->close();
   finish(child);
-  for (std::size_t k = 0; k < reqs.size() && out.error.empty(); ++k)
-    if (reqs[k].completions != 1)
-      out.error = fmt::format("request {} completed {} times", k, reqs[k].completions);
+  for (std::size_t k = 0; k < completions.size() && out.error.empty(); ++k)
+    if (completions[k] != 1)
+      out.error = fmt::format("request {} completed {} times", k, completions[k]);
+  if (out.error.empty()) out.error = w.final_check();
   return out;
+}
+
+std::string image_path() {
+  static int n = 0;
+  const char* dir = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+  return fmt::format("{}/vhostkit-inflight-{}-{}.img", dir, ::getpid(), n++);
 }
 
 constexpr CrashPoint kPoints[] = {CrashPoint::popped, CrashPoint::push_begin,
@@ -257,9 +389,14 @@ TEST_P(InflightCrash, EveryRequestCompletesExactlyOnceAfterARestart) {
   for (int countdown : {1, 2, 7}) {
     Plan plan;
     plan.crashes = {{GetParam(), countdown}};
-    Outcome o = run(plan, 12345 + countdown);
-    EXPECT_EQ(o.error, "") << "countdown " << countdown;
-    EXPECT_EQ(o.restarts, 1) << "countdown " << countdown;
+    EchoWorkload echo;
+    Outcome o = run(echo, plan, 12345 + countdown);
+    EXPECT_EQ(o.error, "") << "echo, countdown " << countdown;
+    EXPECT_EQ(o.restarts, 1) << "echo, countdown " << countdown;
+    BlkWorkload blk(image_path());
+    o = run(blk, plan, 54321 + countdown);
+    EXPECT_EQ(o.error, "") << "blk, countdown " << countdown;
+    EXPECT_EQ(o.restarts, 1) << "blk, countdown " << countdown;
   }
 }
 
@@ -279,7 +416,12 @@ RC_GTEST_PROP(InflightProperty, RandomWorkloadsAndCrashesCompleteEveryRequestOnc
     plan.crashes.emplace_back(kPoints[*rc::gen::inRange<std::size_t>(0, std::size(kPoints))],
                               *rc::gen::inRange(1, 12));
   const auto seed = *rc::gen::arbitrary<std::uint64_t>();
-  Outcome o = run(plan, seed);
+  std::unique_ptr<Workload> w;
+  if (*rc::gen::arbitrary<bool>())
+    w = std::make_unique<BlkWorkload>(image_path());
+  else
+    w = std::make_unique<EchoWorkload>();
+  Outcome o = run(*w, plan, seed);
   RC_TAG(o.restarts);
   RC_ASSERT(o.error == "");
 }
