@@ -235,6 +235,10 @@ class VHOSTKIT_API Virtqueue {
   void set_inflight(std::span<std::uint8_t> region, bool recover);
   // Chains the last recovery found in flight and pop() has not yet handed out again.
   [[nodiscard]] std::size_t resubmit_pending() const { return resubmit_.size() - resubmit_pos_; }
+  // Whether the last start() took over a predecessor's records. Its completions may
+  // be in the used ring without the driver having been notified of them: the caller
+  // notifies the driver once.
+  [[nodiscard]] bool recovered() const { return recovered_; }
   // Clears every record of the attached region (the driver was reset).
   void clear_inflight();
 
@@ -358,6 +362,7 @@ class VHOSTKIT_API Virtqueue {
   std::span<std::uint8_t> inflight_;     // this queue's region; empty: not tracked
   bool inflight_recover_ = false;        // the next start() recovers
   bool pending_recover_ = false;         // recover once used->idx has been read
+  bool recovered_ = false;               // the last start() recovered a predecessor's records
   std::uint64_t inflight_counter_ = 1;   // the next pop's counter
   std::vector<std::uint16_t> resubmit_;  // heads to hand out again, oldest first
   std::size_t resubmit_pos_ = 0;

@@ -156,6 +156,7 @@ Result<void, VirtqueueError> Virtqueue::recover_inflight() {
   if (version != inflight::kVersion)
     return unexpected(VirtqueueError{VirtqueueErrc::bad_config, version});
   if (desc_num != n) return unexpected(VirtqueueError{VirtqueueErrc::bad_config, desc_num});
+  recovered_ = recover;
   auto region_used = detail::load<std::uint16_t>(r + inflight::kUsedIdx, std::memory_order_relaxed);
   if (recover && region_used != state_.used_idx) {
     // The predecessor published completions and died before it recorded them.
@@ -214,6 +215,7 @@ void Virtqueue::reset() {
   state_ = RingState{};
   pending_used_from_ring_ = false;
   pending_recover_ = false;
+  recovered_ = false;
   resubmit_.clear();
   resubmit_pos_ = 0;
   unreported_miss_.reset();
