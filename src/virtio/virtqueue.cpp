@@ -105,11 +105,21 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
     }
   }
   if (!inflight_.empty()) {
-    if (pending_used_from_ring_) {
-      pending_recover_ = true;
-    } else if (auto r = recover_inflight(); !r) {
-      started_ = false;
-      return unexpected(r.error());
+    // The recovery reads the used ring: it waits, as the used index does, until the
+    // rings map (an IOTLB miss).
+    pending_recover_ = true;
+    if (!pending_used_from_ring_) {
+      auto m = ensure_mapped();  // recovers if it maps the rings now
+      if (m && pending_recover_) {
+        pending_recover_ = false;
+        if (auto r = recover_inflight(); !r) {
+          started_ = false;
+          return unexpected(r.error());
+        }
+      } else if (!m && broken_) {
+        started_ = false;
+        return unexpected(*broken_);
+      }
     }
   }
   return {};
@@ -302,10 +312,10 @@ Result<void, VirtqueueError> Virtqueue::ensure_mapped() {
     pending_used_from_ring_ = false;
     state_.used_idx = detail::load<std::uint16_t>(device_.at(virtio::split::kUsedIdx, 2),
                                                   std::memory_order_acquire);
-    if (pending_recover_) {
-      pending_recover_ = false;
-      if (auto r = recover_inflight(); !r) return unexpected(fail(r.error()));
-    }
+  }
+  if (pending_recover_) {
+    pending_recover_ = false;
+    if (auto r = recover_inflight(); !r) return unexpected(fail(r.error()));
   }
   return {};
 }

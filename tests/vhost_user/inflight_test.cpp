@@ -567,3 +567,61 @@ TEST(Inflight, AResetClearsTheRecordsADisconnectKeepsThem) {
 
 }  // namespace
 }  // namespace vhostkit
+
+namespace vhostkit {
+namespace {
+
+// The Virtqueue on its own: a successor started from a given used index (not read from
+// the ring first) still maps the used ring to repair the region (the completion published
+// but not recorded is not resubmitted), and resubmits the rest in pop order.
+TEST(InflightQueue, ResubmitsInPopOrderWhenStartedFromAGivenUsedIndex) {
+  auto mem = frontend::GuestMemory::create({{Gpa(kA), kASize}});
+  ASSERT_TRUE(mem.has_value());
+  AddressSpace space;
+  ASSERT_TRUE(space.set_mem_table(mem->region_specs()).has_value());
+  auto drv = frontend::VirtioDriver::create(*mem, frontend::DriverOptions{.size = 8});
+  ASSERT_TRUE(drv.has_value());
+  std::vector<std::uint64_t> storage(inflight::queue_region_size(8) / 8, 0);
+  std::span<std::uint8_t> region(reinterpret_cast<std::uint8_t*>(storage.data()),
+                                 storage.size() * 8);
+  std::vector<std::uint16_t> ids;
+  for (int k = 0; k < 3; ++k) {
+    std::vector<frontend::DriverBuffer> bufs{{Gpa(kArena + k * kSlot), 8, false},
+                                             {Gpa(kArena + k * kSlot + 0x1000), 8, true}};
+    auto id = drv->add(bufs);
+    ASSERT_TRUE(id.has_value());
+    ids.push_back(*id);
+  }
+  drv->publish();
+  {
+    Virtqueue first(space);
+    first.set_inflight(region, false);
+    ASSERT_TRUE(first.start(drv->queue_config()).has_value());
+    ChainBatch b;
+    auto p = first.pop(b, 8);
+    ASSERT_TRUE(p.has_value());
+    ASSERT_EQ(p->popped, 3u);
+    Completion middle{ids[1], 1, 0};
+    ASSERT_TRUE(first.push(std::span(&middle, 1)).has_value());
+  }
+  // As if the first back-end died right after publishing the used index: the region
+  // still has ids[1] in flight and its used index behind the ring's.
+  region[inflight::desc_state(ids[1]) + inflight::kInflight] = 1;
+  region[inflight::kUsedIdx] = 0;
+  Virtqueue next(space);
+  next.set_inflight(region, true);
+  ASSERT_TRUE(
+      next.start(drv->queue_config(), RingState{.avail_idx = 1, .used_idx = 1}, false).has_value());
+  EXPECT_TRUE(next.recovered());
+  EXPECT_EQ(next.resubmit_pending(), 2u);
+  EXPECT_EQ(next.state().avail_idx, 3);  // used index 1 + 2 in flight
+  ChainBatch b;
+  auto p = next.pop(b, 8);
+  ASSERT_TRUE(p.has_value());
+  ASSERT_EQ(p->popped, 2u);
+  EXPECT_EQ(b[0].id, ids[0]);
+  EXPECT_EQ(b[1].id, ids[2]);
+}
+
+}  // namespace
+}  // namespace vhostkit
