@@ -5,8 +5,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -23,6 +25,25 @@
 namespace {
 
 using namespace vhostkit;
+
+// Tests only (tests/devices/blk/qemu_blk_restart_test.py): VHOSTKIT_TEST_CRASH=<p>:<n>
+// kills the process with SIGKILL the n-th time a ring reaches CrashPoint number p (see
+// vhostkit/virtqueue.h), so that a test can end a back-end in the middle of a request.
+int g_crash_point = -1;
+std::atomic<long> g_crash_countdown{0};
+void crash_hook(CrashPoint p) {
+  if (static_cast<int>(p) == g_crash_point && g_crash_countdown.fetch_sub(1) == 1) ::raise(SIGKILL);
+}
+void install_test_crash_hook() {
+  const char* v = std::getenv("VHOSTKIT_TEST_CRASH");
+  int point = -1;
+  long count = 0;
+  if (v == nullptr || std::sscanf(v, "%d:%ld", &point, &count) != 2 || point < 0 || count < 1)
+    return;
+  g_crash_point = point;
+  g_crash_countdown = count;
+  set_crash_hook(&crash_hook);
+}
 
 constexpr const char* kUsage =
     "Usage: vhostkit-blk (--socket-path PATH | --fd FD) --blk-file FILE [options]\n"
@@ -221,6 +242,7 @@ int main(int argc, char** argv) {
     log(LogLevel::info, "{}: serving listening socket fd {}", blk.name, listen_fd);
   BackendOptions bo;
   bo.runner.poll = poll;
+  install_test_crash_hook();
   BackendServer server(**device, bo);
   g_server = &server;
   struct sigaction sa {};

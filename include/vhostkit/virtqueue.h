@@ -32,6 +32,23 @@
 //                compares log_guest_addr with that GPA when the rings are mapped and, if
 //                they disagree, counts the mismatch (log_addr_mismatches()) and keeps
 //                logging at its own translation, which is the address it really wrote.
+//   Inflight     with an inflight region attached (set_inflight(); vhost-user's
+//                VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split rings) the queue records
+//                in memory shared with the front-end which chains it popped and has not
+//                completed: pop() marks a head in flight with an increasing counter
+//                before the chain is handed out; push() writes the used elements, notes
+//                the batch's last head (last_batch_head), publishes the used index, then
+//                clears the heads and copies the used index into the region. A back-end
+//                that died anywhere on that path leaves a region a successor repairs:
+//                when a queue starts in recovery mode, heads whose completions reached
+//                the used ring (the elements between the region's used index and the
+//                ring's) are cleared, so no completion is delivered twice; the heads
+//                still in flight are handed out again by pop() first, oldest first
+//                (counter order), and the avail position becomes used index + in flight.
+//                Layout per queue (inflight::queue_region_size()): a 16-byte header
+//                {u64 features, u16 version, u16 desc_num, u16 last_batch_head,
+//                u16 used_idx} and desc_num 16-byte states {u8 inflight, u8 pad[5],
+//                u16 next, u64 counter}, rounded up to 64 bytes.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +65,44 @@
 namespace vhostkit {
 
 enum class RingFormat : std::uint8_t { split, packed };
+
+// The inflight region of one split queue (see Inflight above).
+namespace inflight {
+inline constexpr std::uint64_t kHeaderSize = 16;
+inline constexpr std::uint64_t kDescStateSize = 16;
+inline constexpr std::uint64_t kAlign = 64;
+inline constexpr std::uint16_t kVersion = 1;
+// Header fields.
+inline constexpr std::uint64_t kFeatures = 0;
+inline constexpr std::uint64_t kVersionOff = 8;
+inline constexpr std::uint64_t kDescNum = 10;
+inline constexpr std::uint64_t kLastBatchHead = 12;
+inline constexpr std::uint64_t kUsedIdx = 14;
+// Fields of desc[i], relative to desc_state(i).
+inline constexpr std::uint64_t kInflight = 0;
+inline constexpr std::uint64_t kNext = 6;
+inline constexpr std::uint64_t kCounter = 8;
+[[nodiscard]] constexpr std::uint64_t desc_state(std::uint32_t i) {
+  return kHeaderSize + kDescStateSize * i;
+}
+// Bytes of one queue's region for a queue of `size` descriptors.
+[[nodiscard]] constexpr std::uint64_t queue_region_size(std::uint32_t size) {
+  return (kHeaderSize + kDescStateSize * size + kAlign - 1) / kAlign * kAlign;
+}
+}  // namespace inflight
+
+// Points where a back-end may die while inflight tracking is on; a test installs a
+// crash hook (set_crash_hook) that ends the process at one of them.
+enum class CrashPoint : std::uint8_t {
+  popped,            // a chain is marked in flight, not yet handed to the device
+  push_begin,        // push() called: the device finished the I/O, nothing written yet
+  used_written,      // used elements and last_batch_head written, used index not
+  used_idx_stored,   // used index published, heads not yet cleared in the region
+  inflight_cleared,  // heads cleared, the region's used index not yet updated
+};
+using CrashHook = void (*)(CrashPoint point);
+// Installs a process-wide crash hook (nullptr: none). Tests only.
+VHOSTKIT_API void set_crash_hook(CrashHook hook);
 
 // Device addresses (Iova: an IOVA with the IOMMU on, numerically the GPA otherwise) of
 // the three ring areas.
@@ -169,8 +224,23 @@ class VHOSTKIT_API Virtqueue {
   // Stops the queue (GET_VRING_BASE) and returns the state to resume from. REQUIRES:
   // every popped chain has been pushed (the caller drains first).
   RingState stop();
-  // Forgets everything (RESET_DEVICE / disconnect).
+  // Forgets everything (RESET_DEVICE / disconnect). The inflight region stays attached.
   void reset();
+
+  // Attaches an inflight region (split rings; at least
+  // inflight::queue_region_size(config.size) bytes, mapped until detached) or detaches it
+  // (empty span). With recover, the next start() repairs the region and resubmits the
+  // chains it records as in flight (see Inflight above); without, start() keeps the
+  // records and continues them. Call before start().
+  void set_inflight(std::span<std::uint8_t> region, bool recover);
+  // Chains the last recovery found in flight and pop() has not yet handed out again.
+  [[nodiscard]] std::size_t resubmit_pending() const { return resubmit_.size() - resubmit_pos_; }
+  // Whether the last start() took over a predecessor's records. Its completions may
+  // be in the used ring without the driver having been notified of them: the caller
+  // notifies the driver once.
+  [[nodiscard]] bool recovered() const { return recovered_; }
+  // Clears every record of the attached region (the driver was reset).
+  void clear_inflight();
 
   [[nodiscard]] bool started() const { return started_; }
   [[nodiscard]] bool broken() const { return broken_.has_value(); }
@@ -260,6 +330,10 @@ class VHOSTKIT_API Virtqueue {
                                              std::uint32_t& count);
 
   Result<PopResult, VirtqueueError> pop_split(ChainBatch& out, std::size_t max);
+  // Walks the split chain at head into out. true: complete; false: deferred.
+  Result<bool, VirtqueueError> walk_split(ChainBatch& out, std::uint16_t head);
+  Result<void, VirtqueueError> recover_inflight();
+  void mark_inflight(std::uint16_t head);
   Result<PopResult, VirtqueueError> pop_packed(ChainBatch& out, std::size_t max);
   Result<bool, VirtqueueError> push_split(std::span<const Completion> done);
   Result<bool, VirtqueueError> push_packed(std::span<const Completion> done);
@@ -288,6 +362,15 @@ class VHOSTKIT_API Virtqueue {
   std::optional<TranslateError> last_miss_;        // why the rings could not be mapped
   std::optional<TranslateError> unreported_miss_;  // a ring miss pop() has yet to report
   std::uint16_t avail_shadow_ = 0;                 // split: last avail->idx read
+
+  // Inflight tracking (split rings).
+  std::span<std::uint8_t> inflight_;     // this queue's region; empty: not tracked
+  bool inflight_recover_ = false;        // the next start() recovers
+  bool pending_recover_ = false;         // recover once used->idx has been read
+  bool recovered_ = false;               // the last start() recovered a predecessor's records
+  std::uint64_t inflight_counter_ = 1;   // the next pop's counter
+  std::vector<std::uint16_t> resubmit_;  // heads to hand out again, oldest first
+  std::size_t resubmit_pos_ = 0;
 };
 
 }  // namespace vhostkit

@@ -9,6 +9,7 @@
 
 #include <fcntl.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -31,6 +32,7 @@ FrontendClient::FrontendClient(UniqueFd socket) : sock_(std::move(socket)) {}
 FrontendClient::~FrontendClient() {
   close();
   if (log_map_ != nullptr) ::munmap(log_map_, log_map_len_);
+  drop_inflight();
 }
 
 Result<std::unique_ptr<FrontendClient>, std::string> FrontendClient::connect(
@@ -123,6 +125,7 @@ Result<void, std::string> FrontendClient::negotiate(const ClientOptions& options
                           vhost_user::bit(F::configure_mem_slots) |
                           vhost_user::bit(F::reset_device) | vhost_user::bit(F::device_state);
   if (options.want_gpa_addresses) want_pf |= vhost_user::bit(F::gpa_addresses);
+  if (options.want_inflight) want_pf |= vhost_user::bit(F::inflight_shmfd);
   const std::uint64_t chosen_pf = *decode_u64(*pf) & want_pf;
   if (auto w = send(make_request(FrontendRequest::set_protocol_features, chosen_pf)); !w) return w;
   protocol_features_ = chosen_pf;
@@ -246,6 +249,82 @@ Result<std::uint32_t, std::string> FrontendClient::stop_queue(std::uint32_t inde
   auto s = decode_payload<VringState>(*r);
   if (!s) return unexpected(s.error().message());
   return s->num;
+}
+
+bool FrontendClient::inflight() const {
+  return negotiated().has(ProtocolFeature::inflight_shmfd);
+}
+
+Result<void, std::string> FrontendClient::setup_inflight(std::uint16_t num_queues,
+                                                         std::uint16_t queue_size) {
+  if (!inflight())
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated"));
+  if (!inflight_fd_.valid()) {
+    auto r = request_reply(make_request(FrontendRequest::get_inflight_fd,
+                                        InflightDesc{0, 0, num_queues, queue_size, {}}));
+    if (!r) return unexpected(r.error());
+    auto d = decode_payload<InflightDesc>(*r);
+    if (!d) return unexpected(d.error().message());
+    if (d->mmap_size == 0) return unexpected(std::string("back-end returned no inflight area"));
+    void* map = ::mmap(nullptr, d->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fds[0].get(),
+                       static_cast<off_t>(d->mmap_offset));
+    if (map == MAP_FAILED)
+      return unexpected(fmt::format("mmap inflight area: {}", std::strerror(errno)));
+    inflight_fd_ = std::move(r->fds[0]);
+    inflight_desc_ = *d;
+    inflight_map_ = map;
+  }
+  Message m = make_request(FrontendRequest::set_inflight_fd, inflight_desc_);
+  m.fds.emplace_back(::dup(inflight_fd_.get()));
+  return request_ack(std::move(m));
+}
+
+std::span<const std::uint8_t> FrontendClient::inflight_area() const {
+  if (inflight_map_ == nullptr) return {};
+  return {static_cast<const std::uint8_t*>(inflight_map_), inflight_desc_.mmap_size};
+}
+
+void FrontendClient::drop_inflight() {
+  if (inflight_map_ != nullptr) ::munmap(inflight_map_, inflight_desc_.mmap_size);
+  inflight_map_ = nullptr;
+  inflight_fd_.reset();
+  inflight_desc_ = {};
+}
+
+Result<std::vector<RingNotifiers>, std::string> FrontendClient::reconnect(
+    UniqueFd socket, const ClientOptions& options, const GuestMemory& memory,
+    std::span<const VirtioDriver* const> drivers) {
+  close();
+  {
+    std::lock_guard lock(mu_);
+    sock_ = std::move(socket);
+    backend_sock_.reset();
+    closing_.store(false);
+    features_ = 0;
+    protocol_features_ = 0;
+  }
+  if (auto r = negotiate(options); !r) return unexpected(r.error());
+  if (auto r = set_mem_table(memory); !r) return unexpected(r.error());
+  if (inflight_fd_.valid() && inflight()) {
+    if (auto r = setup_inflight(inflight_desc_.num_queues, inflight_desc_.queue_size); !r)
+      return unexpected(r.error());
+  }
+  std::vector<RingNotifiers> rings;
+  for (std::uint32_t i = 0; i < drivers.size(); ++i) {
+    const VirtioDriver& d = *drivers[i];
+    std::optional<std::uint32_t> base;
+    if (!d.options().packed) {
+      // The back-end could not say where it stopped: QEMU resumes from the used index.
+      base = std::atomic_ref<std::uint16_t>(
+                 *reinterpret_cast<std::uint16_t*>(d.device_host() + virtio::split::kUsedIdx))
+                 .load(std::memory_order_acquire);
+    }
+    auto n = start_queue(i, memory, d, base);
+    if (!n) return unexpected(n.error());
+    rings.push_back(std::move(*n));
+  }
+  if (auto r = driver_ok(); !r) return unexpected(r.error());
+  return rings;
 }
 
 bool FrontendClient::device_state() const {

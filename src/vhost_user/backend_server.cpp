@@ -1,9 +1,12 @@
 // BackendServer: the vhost-user back-end state machine.
 #include "vhostkit/vhost_user/backend_server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -81,6 +84,7 @@ Message neutral_reply(const Message& m) {
     // An error in bits 0-7, and no fd (bit 8).
     case FrontendRequest::set_device_state_fd: return make_u64_reply(m, 1 | kDeviceStateNoFdMask);
     case FrontendRequest::check_device_state: return make_u64_reply(m, 1);
+    case FrontendRequest::get_inflight_fd: return make_reply(m, InflightDesc{});  // no area
     default: return make_u64_reply(m, 0);
   }
 }
@@ -124,6 +128,17 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
     // 7.2 sends SET_STATUS(0) before GET_VRING_BASE); cleared once read or when the ring
     // is set up again.
     std::optional<std::uint32_t> stopped_at;
+    // The ring started in this connection: its inflight records are this back-end's
+    // own from then on, not a predecessor's to recover.
+    bool started = false;
+  };
+  // The inflight region SET_INFLIGHT_FD mapped (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+  struct InflightMap {
+    void* base = nullptr;
+    std::size_t len = 0;
+    ~InflightMap() {
+      if (base != nullptr) ::munmap(base, len);
+    }
   };
   using Reply = Result<std::optional<Message>, std::string>;
   struct Transfer;
@@ -152,6 +167,10 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
   Reply set_status(const Message& m);
   Reply set_device_state_fd(Message m);
   Reply check_device_state(const Message& m);
+  Reply get_inflight_fd(const Message& m);
+  Reply set_inflight_fd(Message m);
+  // Detaches every ring from the inflight region and unmaps it. Rings stopped.
+  void drop_inflight();
   // Ends the transfer: waits for it (at most options_.state_transfer_grace) or, with
   // cancel, stops it; for a load, loads the state into the device. Keeps the outcome for
   // CHECK_DEVICE_STATE.
@@ -161,7 +180,9 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
   std::optional<std::uint32_t> running_ring() const;
   // RESET_DEVICE, SET_STATUS(0): see reset_device_state().
   Reply reset_device();
-  void reset_device_state();
+  // driver_reset: the driver reset the device (its inflight records go too); false for
+  // a disconnect, after which a new connection may recover them.
+  void reset_device_state(bool driver_reset);
   Result<Queue*, std::string> queue(std::uint32_t index);
   Result<Iova, std::string> ring_iova(const RingAddress& a) const;
   Result<void, std::string> start_ring(std::uint32_t index, UniqueFd kick);
@@ -189,6 +210,7 @@ class VHOSTKIT_LOCAL BackendServer::Impl {
   // outcome of the last one finished, which CHECK_DEVICE_STATE reports.
   std::unique_ptr<Transfer> transfer_;
   std::optional<Result<void, std::string>> transfer_outcome_;
+  std::unique_ptr<InflightMap> inflight_;
 };
 
 // One device state transfer (SET_DEVICE_STATE_FD): a thread of its own moves the image
@@ -296,6 +318,7 @@ std::uint64_t BackendServer::Impl::offered_protocol_features() const {
                     vhost_user::bit(F::status) | vhost_user::bit(F::configure_mem_slots) |
                     vhost_user::bit(F::reset_device) | vhost_user::bit(F::device_state);
   if (!device_.config().empty()) f |= vhost_user::bit(F::config);
+  if (device_.inflight_tracking()) f |= vhost_user::bit(F::inflight_shmfd);
   if (options_.offer_gpa_addresses) f |= vhost_user::bit(F::gpa_addresses);
   return f;
 }
@@ -427,11 +450,13 @@ void BackendServer::Impl::stop_all_rings() {
 }
 
 void BackendServer::Impl::reset_connection() {
-  reset_device_state();
+  reset_device_state(false);
   for (auto& q : queues_) {
     q.stopped_at.reset();
     q.err.reset();
+    q.started = false;
   }
+  drop_inflight();
   (void)space_->set_log(nullptr);
   space_->clear_memory();
   (void)space_->synchronize();
@@ -486,6 +511,8 @@ BackendServer::Impl::Reply BackendServer::Impl::handle(Message m) {
     case R::reset_device: return reset_device();
     case R::set_device_state_fd: return set_device_state_fd(std::move(m));
     case R::check_device_state: return check_device_state(m);
+    case R::get_inflight_fd: return get_inflight_fd(m);
+    case R::set_inflight_fd: return set_inflight_fd(std::move(m));
     default: return unexpected(fmt::format("{} is not supported", to_string(m.frontend_request())));
   }
 }
@@ -683,7 +710,7 @@ BackendServer::Impl::Reply BackendServer::Impl::set_config(const Message& m) {
 }
 
 BackendServer::Impl::Reply BackendServer::Impl::reset_device() {
-  reset_device_state();
+  reset_device_state(true);
   log(LogLevel::info, "{}: device reset", device_.name());
   return std::nullopt;
 }
@@ -703,7 +730,7 @@ BackendServer::Impl::Reply BackendServer::Impl::set_status(const Message& m) {
 // What belongs to the connection stays: ownership, protocol features, the back-end
 // channel, the memory table, the dirty log's mapping, each ring's error fd (QEMU sends
 // SET_VRING_ERR once per connection).
-void BackendServer::Impl::reset_device_state() {
+void BackendServer::Impl::reset_device_state(bool driver_reset) {
   if (transfer_) (void)finish_transfer(true);
   transfer_outcome_.reset();
   const bool packed = has(virtio::kFRingPacked);
@@ -717,14 +744,15 @@ void BackendServer::Impl::reset_device_state() {
     q.enable_set = false;
     q.runner->set_call(UniqueFd());
     q.runner->queue().reset();
+    if (driver_reset) q.runner->queue().clear_inflight();
   }
   negotiated_.features = 0;
   space_->set_logging(false);
   space_->set_iommu(false);
   space_->iotlb_flush();
   (void)space_->synchronize();
-  // Inflight I/O tracking forgets its records of popped chains here: they belong to the
-  // driver that was reset.
+  // A driver reset clears the inflight records above: they belong to the driver that was
+  // reset. A disconnect keeps them for the back-end the front-end connects next.
   device_.reset();
   status_ = 0;
 }
@@ -897,7 +925,91 @@ Result<void, std::string> BackendServer::Impl::start_ring(std::uint32_t index, U
   q.runner->set_enabled(enabled);
   if (auto r = q.runner->start(c, s, used_from_ring, std::move(kick)); !r)
     return unexpected(r.error().message());
+  if (!q.started && q.runner->queue().resubmit_pending() > 0)
+    log(LogLevel::info, "{}: queue {} resubmits {} requests a previous back-end left in flight",
+        device_.name(), index, q.runner->queue().resubmit_pending());
+  q.started = true;  // its inflight records are ours from now on
   return {};
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::get_inflight_fd(const Message& m) {
+  if (!has(ProtocolFeature::inflight_shmfd))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated"));
+  auto d = body<InflightDesc>(m);
+  if (!d) return unexpected(d.error());
+  if (d->num_queues == 0 || d->num_queues > queues_.size())
+    return unexpected(
+        fmt::format("inflight area for {} queues (device has {})", d->num_queues, queues_.size()));
+  if (d->queue_size == 0 || d->queue_size >= virtio::kMaxQueueSize)
+    return unexpected(fmt::format("inflight area for queues of {} descriptors", d->queue_size));
+  const std::uint64_t size = d->num_queues * inflight::queue_region_size(d->queue_size);
+  UniqueFd fd(::memfd_create("vhostkit-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return unexpected(fmt::format("memfd_create: {}", std::strerror(errno)));
+  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
+    return unexpected(fmt::format("ftruncate inflight area: {}", std::strerror(errno)));
+  // A region of zeros: each ring initialises its part when it first starts.
+  (void)::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK);
+  Message reply = make_reply(m, InflightDesc{size, 0, d->num_queues, d->queue_size, {}});
+  reply.fds.push_back(std::move(fd));
+  log(LogLevel::info, "{}: inflight area of {} bytes for {} queues of {}", device_.name(), size,
+      d->num_queues, d->queue_size);
+  return reply;
+}
+
+BackendServer::Impl::Reply BackendServer::Impl::set_inflight_fd(Message m) {
+  if (!has(ProtocolFeature::inflight_shmfd))
+    return unexpected(std::string("VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated"));
+  auto d = body<InflightDesc>(m);
+  if (!d) return unexpected(d.error());
+  if (auto q = running_ring())
+    return unexpected(
+        fmt::format("queue {} runs: the inflight area changes only while every "
+                    "ring is stopped",
+                    *q));
+  if (d->num_queues == 0 || d->num_queues > queues_.size())
+    return unexpected(
+        fmt::format("inflight area for {} queues (device has {})", d->num_queues, queues_.size()));
+  if (d->queue_size == 0 || d->queue_size >= virtio::kMaxQueueSize)
+    return unexpected(fmt::format("inflight area for queues of {} descriptors", d->queue_size));
+  const std::uint64_t per_queue = inflight::queue_region_size(d->queue_size);
+  const std::uint64_t need = d->num_queues * per_queue;
+  if (d->mmap_size < need || d->mmap_size > need + per_queue)
+    return unexpected(fmt::format("inflight area of {} bytes for {} queues of {} (needs {})",
+                                  d->mmap_size, d->num_queues, d->queue_size, need));
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  if (d->mmap_offset % page != 0)
+    return unexpected(
+        fmt::format("inflight area offset {:#x} is not page aligned", d->mmap_offset));
+  struct stat st {};
+  if (::fstat(m.fds[0].get(), &st) != 0)
+    return unexpected(fmt::format("inflight fd: {}", std::strerror(errno)));
+  const auto file = static_cast<std::uint64_t>(st.st_size);
+  if (d->mmap_offset > file || d->mmap_size > file - d->mmap_offset)
+    return unexpected(fmt::format("inflight area [{:#x}, +{:#x}) beyond its file ({} bytes)",
+                                  d->mmap_offset, d->mmap_size, file));
+  void* base = ::mmap(nullptr, d->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, m.fds[0].get(),
+                      static_cast<off_t>(d->mmap_offset));
+  if (base == MAP_FAILED)
+    return unexpected(fmt::format("mmap inflight area: {}", std::strerror(errno)));
+  drop_inflight();
+  inflight_ = std::make_unique<InflightMap>();
+  inflight_->base = base;
+  inflight_->len = d->mmap_size;
+  auto* bytes = static_cast<std::uint8_t*>(base);
+  for (std::uint32_t i = 0; i < queues_.size(); ++i) {
+    std::span<std::uint8_t> region;
+    if (i < d->num_queues) region = {bytes + i * per_queue, per_queue};
+    // A ring that has not run in this connection recovers a predecessor's records.
+    queues_[i].runner->queue().set_inflight(region, !queues_[i].started);
+  }
+  log(LogLevel::info, "{}: inflight area of {} bytes for {} queues of {} mapped", device_.name(),
+      d->mmap_size, d->num_queues, d->queue_size);
+  return std::nullopt;
+}
+
+void BackendServer::Impl::drop_inflight() {
+  for (auto& q : queues_) q.runner->queue().set_inflight({}, false);
+  inflight_.reset();
 }
 
 BackendServer::Impl::Reply BackendServer::Impl::get_vring_base(const Message& m) {

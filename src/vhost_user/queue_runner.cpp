@@ -52,6 +52,13 @@ Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const
   device_.queue_started(index_);
   event_ = device_.event_fd(index_);
   running_ = true;
+  if (vq_.recovered()) {
+    {
+      std::lock_guard lock(call_mu_);
+      notify_on_call_ = true;
+    }
+    notify();
+  }
   worker_->add(this);
   return {};
 }
@@ -66,8 +73,13 @@ RingState QueueRunner::stop() {
 }
 
 void QueueRunner::set_call(UniqueFd call) {
-  std::lock_guard lock(call_mu_);
-  call_ = std::move(call);
+  bool pending;
+  {
+    std::lock_guard lock(call_mu_);
+    call_ = std::move(call);
+    pending = notify_on_call_;
+  }
+  if (pending) notify();
 }
 
 void QueueRunner::set_enabled(bool enabled) {
@@ -82,6 +94,7 @@ void QueueRunner::wake() {
 void QueueRunner::notify() {
   std::lock_guard lock(call_mu_);
   if (!call_.valid()) return;
+  notify_on_call_ = false;
   std::uint64_t one = 1;
   if (::write(call_.get(), &one, sizeof one) == sizeof one)
     notifications_.fetch_add(1, std::memory_order_relaxed);

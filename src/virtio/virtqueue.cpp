@@ -2,6 +2,7 @@
 // the split and packed formats.
 #include "vhostkit/virtqueue.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -9,6 +10,12 @@
 #include "virtio/internal/guest_access.h"
 
 namespace vhostkit {
+
+std::atomic<CrashHook> detail::crash_hook{nullptr};
+
+void set_crash_hook(CrashHook hook) {
+  detail::crash_hook.store(hook, std::memory_order_relaxed);
+}
 
 const char* to_string(VirtqueueErrc e) {
   switch (e) {
@@ -83,6 +90,8 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
     return unexpected(VirtqueueError{VirtqueueErrc::bad_config, state_.avail_idx});
   }
   started_ = true;
+  // Inflight tracking is for split rings; a packed ring runs untracked.
+  if (packed) inflight_ = {};
   if (!packed && used_from_ring) {
     // Resume where the used ring says the previous device stopped. If the ring is not
     // translatable yet (IOTLB miss) it is read when it first maps.
@@ -95,6 +104,107 @@ Result<void, VirtqueueError> Virtqueue::start(const QueueConfig& config, const R
       pending_used_from_ring_ = true;
     }
   }
+  if (!inflight_.empty()) {
+    // The recovery reads the used ring: it waits, as the used index does, until the
+    // rings map (an IOTLB miss).
+    pending_recover_ = true;
+    if (!pending_used_from_ring_) {
+      auto m = ensure_mapped();  // recovers if it maps the rings now
+      if (m && pending_recover_) {
+        pending_recover_ = false;
+        if (auto r = recover_inflight(); !r) {
+          started_ = false;
+          return unexpected(r.error());
+        }
+      } else if (!m && broken_) {
+        started_ = false;
+        return unexpected(*broken_);
+      }
+    }
+  }
+  return {};
+}
+
+void Virtqueue::set_inflight(std::span<std::uint8_t> region, bool recover) {
+  inflight_ = region;
+  inflight_recover_ = recover && !region.empty();
+}
+
+void Virtqueue::clear_inflight() {
+  if (!inflight_.empty()) std::memset(inflight_.data(), 0, inflight_.size());
+  resubmit_.clear();
+  resubmit_pos_ = 0;
+}
+
+// Brings the region in line with the ring at start (used index known). Without
+// recovery the records are this back-end's own: kept as they are. With recovery they
+// are a predecessor's: completions that reached the used ring are cleared, the heads
+// still in flight are queued for pop() in counter order, and the avail position is
+// what was consumed: completed (used index) plus still in flight.
+Result<void, VirtqueueError> Virtqueue::recover_inflight() {
+  using namespace virtio;
+  const std::uint32_t n = config_.size;
+  if (inflight_.size() < inflight::queue_region_size(n))
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_config, n, inflight_.size()});
+  HostPtr r = inflight_.data();
+  auto version = detail::load<std::uint16_t>(r + inflight::kVersionOff, std::memory_order_acquire);
+  auto desc_num = detail::load<std::uint16_t>(r + inflight::kDescNum, std::memory_order_relaxed);
+  const bool recover = inflight_recover_;
+  inflight_recover_ = false;
+  if (version == 0 || (!recover && (version != inflight::kVersion || desc_num != n))) {
+    // A fresh region (or our own for another ring size): start empty.
+    std::memset(r, 0, inflight::queue_region_size(n));
+    detail::store<std::uint16_t>(r + inflight::kDescNum, static_cast<std::uint16_t>(n),
+                                 std::memory_order_relaxed);
+    detail::store<std::uint16_t>(r + inflight::kUsedIdx, state_.used_idx,
+                                 std::memory_order_relaxed);
+    detail::store<std::uint16_t>(r + inflight::kVersionOff, inflight::kVersion,
+                                 std::memory_order_release);
+    inflight_counter_ = 1;
+    return {};
+  }
+  if (version != inflight::kVersion)
+    return unexpected(VirtqueueError{VirtqueueErrc::bad_config, version});
+  if (desc_num != n) return unexpected(VirtqueueError{VirtqueueErrc::bad_config, desc_num});
+  recovered_ = recover;
+  auto region_used = detail::load<std::uint16_t>(r + inflight::kUsedIdx, std::memory_order_relaxed);
+  if (recover && region_used != state_.used_idx) {
+    // The predecessor published completions and died before it recorded them.
+    auto ahead = static_cast<std::uint16_t>(state_.used_idx - region_used);
+    auto clear = [&](std::uint32_t head) {
+      if (head < n)
+        detail::store<std::uint8_t>(r + inflight::desc_state(head) + inflight::kInflight, 0,
+                                    std::memory_order_relaxed);
+    };
+    if (ahead <= n) {
+      for (std::uint16_t k = region_used; k != state_.used_idx; ++k) {
+        HostPtr e = device_.at(split::used_ring(k % n), sizeof(UsedElem));
+        if (e == nullptr) return unexpected(fail(VirtqueueError{VirtqueueErrc::ring_unmapped, k}));
+        clear(detail::load<std::uint32_t>(e, std::memory_order_relaxed));
+      }
+    } else {
+      clear(detail::load<std::uint16_t>(r + inflight::kLastBatchHead, std::memory_order_relaxed));
+    }
+  }
+  detail::store<std::uint16_t>(r + inflight::kUsedIdx, state_.used_idx, std::memory_order_release);
+  // The records left, oldest first.
+  std::vector<std::pair<std::uint64_t, std::uint16_t>> live;
+  std::uint64_t max_counter = 0;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    HostPtr d = r + inflight::desc_state(i);
+    auto counter = detail::load<std::uint64_t>(d + inflight::kCounter, std::memory_order_relaxed);
+    if (detail::load<std::uint8_t>(d + inflight::kInflight, std::memory_order_relaxed) == 0)
+      continue;
+    live.emplace_back(counter, static_cast<std::uint16_t>(i));
+    max_counter = std::max(max_counter, counter);
+  }
+  inflight_counter_ = max_counter + 1;
+  if (!recover) return {};
+  std::sort(live.begin(), live.end());
+  resubmit_.clear();
+  for (const auto& l : live) resubmit_.push_back(l.second);
+  resubmit_pos_ = 0;
+  state_.avail_idx = static_cast<std::uint16_t>(state_.used_idx + live.size());
   return {};
 }
 
@@ -114,6 +224,10 @@ void Virtqueue::reset() {
   in_flight_ = 0;
   state_ = RingState{};
   pending_used_from_ring_ = false;
+  pending_recover_ = false;
+  recovered_ = false;
+  resubmit_.clear();
+  resubmit_pos_ = 0;
   unreported_miss_.reset();
   (void)tr_.flush_log();
 }
@@ -198,6 +312,10 @@ Result<void, VirtqueueError> Virtqueue::ensure_mapped() {
     pending_used_from_ring_ = false;
     state_.used_idx = detail::load<std::uint16_t>(device_.at(virtio::split::kUsedIdx, 2),
                                                   std::memory_order_acquire);
+  }
+  if (pending_recover_) {
+    pending_recover_ = false;
+    if (auto r = recover_inflight(); !r) return unexpected(fail(r.error()));
   }
   return {};
 }

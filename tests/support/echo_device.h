@@ -23,6 +23,7 @@ class EchoDevice : public Device {
       : name_(std::move(name)), queues_(queues), batches_(queues), bufs_(queues) {}
 
   std::string name() const override { return name_; }
+  bool inflight_tracking() const override { return track_inflight; }
   std::uint64_t device_features() const override { return 0; }
   std::uint32_t num_queues() const override { return queues_; }
   std::vector<std::uint8_t> config() const override { return {config_.begin(), config_.end()}; }
@@ -90,6 +91,9 @@ class EchoDevice : public Device {
   // echoed and pushed (inside the worker's burst): tests use it to make a control
   // message land between a pop and its push. Set before the queues start.
   std::function<void(std::uint32_t queue)> after_pop;
+
+  // Offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD. Set before the server is created.
+  bool track_inflight = false;
 
   std::atomic<std::uint64_t> chains{0};
   std::atomic<std::uint64_t> resets{0};

@@ -45,6 +45,9 @@
 //                VHOSTKIT_BLK_ENGINE=sync|io_uring overrides automatic (tests run both).
 //   Threading    process() of queue q runs on q's worker only and touches only q's state;
 //                counters and the cache mode are atomics.
+//   Restart      inflight I/O tracking is on (Device::inflight_tracking): a vhostkit-blk
+//                started after a crash carries out the requests its predecessor popped
+//                and never completed, in their original order, before new ones.
 //   State        save_state() carries the config space (a load refuses a different one,
 //                but for the cache mode the driver chose, which moves with it: the same
 //                image and options on both sides), the serial, the accepted
@@ -175,6 +178,9 @@ class BlkDevice : public Device {
   BlkDevice& operator=(const BlkDevice&) = delete;
 
   [[nodiscard]] std::string name() const override { return options_.name; }
+  // Inflight I/O tracking: on. A request a crashed back-end left in flight is carried
+  // out again by its successor (a write written twice, a read read again).
+  [[nodiscard]] bool inflight_tracking() const override { return true; }
   [[nodiscard]] std::uint64_t device_features() const override;
   [[nodiscard]] std::uint32_t num_queues() const override { return options_.queues; }
   [[nodiscard]] std::vector<std::uint8_t> config() const override;

@@ -21,6 +21,15 @@
 //                   load_device_state() move the back-end's own state (every ring
 //                   stopped) over a pipe: SET_DEVICE_STATE_FD, the transfer on the pipe or
 //                   on the channel the back-end returned instead, CHECK_DEVICE_STATE.
+//   Inflight        with VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, setup_inflight() asks the
+//                   back-end for its inflight area once (GET_INFLIGHT_FD) and hands it
+//                   back (SET_INFLIGHT_FD); the client keeps the fd for the connection's
+//                   life and across reconnect(), as QEMU does, so a back-end started
+//                   after a crash finds the requests its predecessor left in flight.
+//   Reconnect       reconnect() replaces a dead back-end's socket by a new one and
+//                   replays the session: negotiation, the memory table, the inflight
+//                   area, then every ring from the guest-driver model with the base
+//                   QEMU sends after a back-end crash (the used ring's index).
 //   Reset           reset_device() (RESET_DEVICE) or set_status(0) return the device to
 //                   its initial state; a driver then starts over with set_features(), the
 //                   memory table (kept by vhostkit's back-end) and the rings.
@@ -48,6 +57,7 @@ namespace vhostkit::frontend {
 struct ClientOptions {
   std::uint64_t want_features = 0;  // virtio features to accept if offered
   bool want_gpa_addresses = true;   // negotiate VHOST_USER_PROTOCOL_F_GPA_ADDRESSES if offered
+  bool want_inflight = true;        // negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD if offered
 };
 
 // Eventfds for one ring: the client keeps its ends, the back-end gets duplicates.
@@ -108,6 +118,25 @@ class FrontendClient {
   // error says why the back-end refused it. REQUIRES: device_state(), no ring started.
   [[nodiscard]] Result<void, std::string> load_device_state(std::span<const std::uint8_t> state);
 
+  // Whether VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was negotiated.
+  [[nodiscard]] bool inflight() const;
+  // GET_INFLIGHT_FD for num_queues rings of queue_size (the first time only; the area is
+  // kept), then SET_INFLIGHT_FD. Call before the rings start. REQUIRES: inflight().
+  [[nodiscard]] Result<void, std::string> setup_inflight(std::uint16_t num_queues,
+                                                         std::uint16_t queue_size);
+  // The inflight area the client holds (empty before setup_inflight()).
+  [[nodiscard]] std::span<const std::uint8_t> inflight_area() const;
+  // Drops the held inflight area (the guest reset the device: its requests are gone).
+  void drop_inflight();
+
+  // Replaces the connection by `socket` (a new back-end on the same path) and replays the
+  // session: negotiate(options), set_mem_table(memory), setup_inflight() if an area is
+  // held and the new back-end offers it, start_queue() for each drivers[i] as ring i with
+  // the base QEMU sends after a crash (the used ring's index), then driver_ok().
+  [[nodiscard]] Result<std::vector<RingNotifiers>, std::string> reconnect(
+      UniqueFd socket, const ClientOptions& options, const GuestMemory& memory,
+      std::span<const VirtioDriver* const> drivers);
+
   // RESET_DEVICE. REQUIRES: VHOST_USER_PROTOCOL_F_RESET_DEVICE negotiated.
   [[nodiscard]] Result<void, std::string> reset_device();
   // SET_STATUS (0 resets the device). REQUIRES: VHOST_USER_PROTOCOL_F_STATUS negotiated.
@@ -164,6 +193,10 @@ class FrontendClient {
   void* log_map_ = nullptr;
   std::size_t log_map_len_ = 0;
   std::shared_ptr<DirtyLog> log_view_;
+  // The inflight area (GET_INFLIGHT_FD's reply), kept across reconnect().
+  UniqueFd inflight_fd_;
+  vhost_user::InflightDesc inflight_desc_{};
+  void* inflight_map_ = nullptr;
 };
 
 }  // namespace vhostkit::frontend

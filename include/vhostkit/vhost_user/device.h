@@ -24,6 +24,13 @@
 //               vhostkit/vhost_user/device_state.h). Both run on the control thread while
 //               every ring is stopped. A device that keeps nothing needs neither: by
 //               default it saves no records under the kind "stateless".
+//   Inflight    a device that returns true from inflight_tracking() is offered with
+//               VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD: the server keeps, in memory the
+//               front-end holds across back-end restarts, which chains each split ring
+//               popped and has not completed, and a back-end that starts after a crash
+//               pops those chains again first, in their original order (see Inflight in
+//               vhostkit/virtqueue.h). The device must tolerate a request it may already
+//               have carried out (a block write is written again).
 //   Reset       RESET_DEVICE, SET_STATUS(0) and a disconnect stop every ring, then call
 //               reset(): the device returns to its state right after construction (the
 //               configuration it was created with), except for statistics, which may
@@ -65,6 +72,8 @@ class VHOSTKIT_API Device {
   [[nodiscard]] virtual std::uint64_t device_features() const = 0;
   // Number of virtqueues (VHOST_USER_GET_QUEUE_NUM).
   [[nodiscard]] virtual std::uint32_t num_queues() const = 0;
+  // Whether the server offers inflight I/O tracking for this device (see Inflight).
+  [[nodiscard]] virtual bool inflight_tracking() const { return false; }
   // The device config space (GET_CONFIG); empty if the device has none.
   [[nodiscard]] virtual std::vector<std::uint8_t> config() const { return {}; }
   // SET_CONFIG: a write to the config space. False if refused.

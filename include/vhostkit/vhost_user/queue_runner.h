@@ -27,6 +27,9 @@
 //                the miss sink (the backend request channel) the first time it is seen,
 //                then waits for wake() (called when an IOTLB update arrives) or a short
 //                retry timeout.
+//   Recovery     a ring that starts on a crashed predecessor's inflight records notifies
+//                the driver once (now, or when its call fd arrives): the predecessor may
+//                have died between publishing completions and signalling them.
 //   Disabled     a started ring that is disabled (SET_VRING_ENABLE 0) is not
 //                processed; it keeps its buffers until enabled or stopped.
 #pragma once
@@ -114,8 +117,11 @@ class QueueRunner {
   UniqueFd kick_;
   int event_ = -1;        // Device::event_fd(index_), not owned
   bool running_ = false;  // control thread
-  std::mutex call_mu_;    // guards call_
+  std::mutex call_mu_;    // guards call_ and notify_on_call_
   UniqueFd call_;
+  // The ring took over a crashed predecessor's records: the driver may not have been
+  // told of completions it published, so it is notified as soon as there is a call fd.
+  bool notify_on_call_ = false;
   std::atomic<bool> enabled_{true};
   std::atomic<std::uint64_t> notifications_{0};
   // Worker thread only, reset by start():

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "vhostkit/types.h"
+#include "vhostkit/virtqueue.h"
 
 namespace vhostkit::detail {
 
@@ -32,6 +33,13 @@ inline T snapshot_of(const std::uint8_t* p) {
   T v;
   std::memcpy(&v, p, sizeof(T));
   return v;
+}
+
+// The hook set_crash_hook() installed (tests), called at each CrashPoint of a tracked
+// queue.
+extern std::atomic<CrashHook> crash_hook;
+inline void crash_point(CrashPoint p) {
+  if (CrashHook h = crash_hook.load(std::memory_order_relaxed)) h(p);
 }
 
 }  // namespace vhostkit::detail
