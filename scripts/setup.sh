@@ -10,8 +10,8 @@ packages=(
   clang-14 libclang-rt-14-dev llvm-14
   # libraries
   libexpected-dev libfmt-dev libcli11-dev liburing-dev
-  # tests and benchmarks
-  libgtest-dev libgmock-dev librapidcheck-dev libbenchmark-dev
+  # tests and benchmarks; gcovr: the coverage report of scripts/test.sh
+  libgtest-dev libgmock-dev librapidcheck-dev libbenchmark-dev gcovr
   # packaging and its tests (tests/package): cpack's dpkg-shlibdeps, the example's
   # Makefile, systemd-socket-activate and systemd-analyze, man page rendering
   dpkg-dev file make systemd groff-base

@@ -196,6 +196,10 @@ class VHOSTKIT_API Translator {
   }
   // Writes batched dirty bits to the shared log.
   [[nodiscard]] Result<void, TranslateError> flush_log();
+  // Writes batched dirty bits, then lets go of the memory snapshot and the log until the
+  // next call (which refreshes): a stopped queue must not keep a replaced memory table
+  // mapped or a detached log alive. REQUIRES: outside a burst.
+  void release();
 
   // Whether writes are currently being logged (as of the last refresh).
   [[nodiscard]] bool logging() {

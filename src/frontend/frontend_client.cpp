@@ -63,7 +63,7 @@ bool FrontendClient::gpa_addresses() const {
   return negotiated().has(ProtocolFeature::gpa_addresses);
 }
 bool FrontendClient::iommu() const {
-  return (features_ >> virtio::kFAccessPlatform) & 1;
+  return (features() >> virtio::kFAccessPlatform) & 1;
 }
 
 Result<void, std::string> FrontendClient::send(const Message& m) {
@@ -128,7 +128,7 @@ Result<void, std::string> FrontendClient::negotiate(const ClientOptions& options
   if (options.want_inflight) want_pf |= vhost_user::bit(F::inflight_shmfd);
   const std::uint64_t chosen_pf = *decode_u64(*pf) & want_pf;
   if (auto w = send(make_request(FrontendRequest::set_protocol_features, chosen_pf)); !w) return w;
-  protocol_features_ = chosen_pf;
+  protocol_features_.store(chosen_pf, std::memory_order_relaxed);
   if (auto r = request_ack(make_request(FrontendRequest::set_owner)); !r) return r;
   if (negotiated().has(F::backend_req)) {
     int sv[2];
@@ -140,8 +140,10 @@ Result<void, std::string> FrontendClient::negotiate(const ClientOptions& options
     if (auto r = request_ack(std::move(m)); !r) return r;
     backend_thread_ = std::thread([this] { backend_channel_loop(); });
   }
-  features_ = offered & (options.want_features | bit(virtio::kFVersion1) | bit(kFProtocolFeatures));
-  return request_ack(make_request(FrontendRequest::set_features, features_));
+  const std::uint64_t accepted =
+      offered & (options.want_features | bit(virtio::kFVersion1) | bit(kFProtocolFeatures));
+  features_.store(accepted, std::memory_order_relaxed);
+  return request_ack(make_request(FrontendRequest::set_features, accepted));
 }
 
 Result<void, std::string> FrontendClient::set_mem_table(const GuestMemory& memory) {
@@ -413,8 +415,8 @@ Result<void, std::string> FrontendClient::set_status(std::uint8_t status) {
 }
 
 Result<void, std::string> FrontendClient::set_features(std::uint64_t features) {
-  features_ = features;
-  return request_ack(make_request(FrontendRequest::set_features, features_));
+  features_.store(features, std::memory_order_relaxed);
+  return request_ack(make_request(FrontendRequest::set_features, features));
 }
 
 Result<void, std::string> FrontendClient::enable_logging(std::uint64_t bytes,
@@ -432,13 +434,17 @@ Result<void, std::string> FrontendClient::enable_logging(std::uint64_t bytes,
   log_view_ = DirtyLog::over(std::span(static_cast<std::uint8_t*>(log_map_) + offset, bytes));
   auto r = request_reply(make_log_base(LogDesc{bytes, offset}, UniqueFd(::dup(log_fd_.get()))));
   if (!r) return unexpected(r.error());
-  features_ |= bit(virtio::kVhostFLogAll);
-  return request_ack(make_request(FrontendRequest::set_features, features_));
+  const std::uint64_t with_log =
+      features_.fetch_or(bit(virtio::kVhostFLogAll), std::memory_order_relaxed) |
+      bit(virtio::kVhostFLogAll);
+  return request_ack(make_request(FrontendRequest::set_features, with_log));
 }
 
 Result<void, std::string> FrontendClient::disable_logging() {
-  features_ &= ~bit(virtio::kVhostFLogAll);
-  return request_ack(make_request(FrontendRequest::set_features, features_));
+  const std::uint64_t without_log =
+      features_.fetch_and(~bit(virtio::kVhostFLogAll), std::memory_order_relaxed) &
+      ~bit(virtio::kVhostFLogAll);
+  return request_ack(make_request(FrontendRequest::set_features, without_log));
 }
 
 void FrontendClient::attach_viommu(Viommu& iommu, const GuestMemory& memory) {

@@ -350,6 +350,14 @@ Result<void, TranslateError> Translator::log_range(Gpa gpa, std::uint64_t len) {
   return result;
 }
 
+void Translator::release() {
+  if (state_.log && !batch_.empty()) (void)batch_.flush(*state_.log);
+  state_ = AddressSpace::State{};
+  generation_ = 0;  // the space's generations start at 1: the next call refreshes
+  fast_log_ = false;
+  for (auto& c : cache_) c = Chunk{};
+}
+
 Result<void, TranslateError> Translator::flush_log() {
   if (!state_.log || batch_.empty()) return {};
   if (auto r = batch_.flush(*state_.log); !r)

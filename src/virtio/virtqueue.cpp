@@ -212,7 +212,7 @@ RingState Virtqueue::stop() {
   started_ = false;
   mapped_ = false;
   ring_memory_.reset();
-  (void)tr_.flush_log();
+  tr_.release();  // flushes the log; a stopped queue holds no memory table or log
   return state_;
 }
 
@@ -229,7 +229,7 @@ void Virtqueue::reset() {
   resubmit_.clear();
   resubmit_pos_ = 0;
   unreported_miss_.reset();
-  (void)tr_.flush_log();
+  tr_.release();
 }
 
 Result<void, VirtqueueError> Virtqueue::map_area(Iova addr, std::uint64_t len, Access access,

@@ -536,6 +536,53 @@ TEST_F(QueueTest, StopAndResumeFromRingState) {
   EXPECT_EQ(batch[0].id, 3);
 }
 
+// A stopped (or reset) queue lets go of the memory table and the dirty log it worked
+// with: once the front-end replaces the table and detaches the log, their mappings and
+// bitmap go away. (Before, the queue's translator kept both until the queue started
+// again or was destroyed: every memory table a daemon ever saw stayed mapped.) The queue
+// works again after a restart.
+TEST_F(QueueTest, StoppedQueueLetsGoOfMemoryTableAndLog) {
+  for (bool by_reset : {false, true}) {
+    SCOPED_TRACE(by_reset ? "reset" : "stop");
+    std::vector<std::uint8_t> bits(256, 0);
+    ASSERT_TRUE(space.set_log(DirtyLog::over(bits)));
+    space.set_logging(true);
+    std::weak_ptr<const MemorySnapshot> old_memory = space.memory();
+    std::weak_ptr<DirtyLog> old_log = space.log();
+    start_split();
+    std::uint16_t avail = vq->state().avail_idx;
+    desc(0, kBuf, 8, kDescFWrite);
+    offer(0, avail);
+    batch.clear();
+    ASSERT_EQ(vq->pop(batch, 16)->popped, 1u);
+    Completion done{0, 1, 8};
+    ASSERT_TRUE(vq->push(std::span(&done, 1)));
+    batch.clear();
+    if (by_reset) {
+      vq->reset();
+    } else {
+      (void)vq->stop();
+    }
+    EXPECT_TRUE(bits[kUsed / 4096 / 8] != 0);  // the used ring write was flushed first
+    space.set_logging(false);
+    ASSERT_TRUE(space.set_log(nullptr));
+    std::vector<RegionSpec> v;
+    v.push_back(region(make_memfd(kRam), 0, kRam, kBase, 0x7f0000000000));
+    ASSERT_TRUE(space.set_mem_table(std::move(v)));
+    EXPECT_TRUE(old_memory.expired());
+    EXPECT_TRUE(old_log.expired());
+    // The fresh memory is zeroed: the restarted queue begins at avail 0.
+    start_split();
+    desc(1, kBuf, 8, 0);
+    offer(1, 0);
+    ASSERT_EQ(vq->pop(batch, 16)->popped, 1u);
+    Completion again{1, 1, 0};
+    ASSERT_TRUE(vq->push(std::span(&again, 1)));
+    EXPECT_EQ(get<std::uint16_t>(kUsed + split::kUsedIdx), 1);
+    (void)vq->stop();
+  }
+}
+
 TEST_F(QueueTest, MemoryTableChangeRemapsRings) {
   start_split();
   desc(0, kBuf, 8, 0);

@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -117,8 +118,15 @@ class NetDevice : public Device {
   [[nodiscard]] std::uint32_t header_len() const { return hdr_len_.load(); }
   [[nodiscard]] NetQueueStats stats(std::uint32_t queue) const;
   // The MAC address and MTU the guest sees (the configured ones, or a migration source's).
-  [[nodiscard]] std::array<std::uint8_t, 6> mac() const { return mac_; }
-  [[nodiscard]] std::uint16_t mtu() const { return mtu_; }
+  // Safe from any thread (the control thread changes them on a reset or a state load).
+  [[nodiscard]] std::array<std::uint8_t, 6> mac() const {
+    std::lock_guard lock(identity_mu_);
+    return mac_;
+  }
+  [[nodiscard]] std::uint16_t mtu() const {
+    std::lock_guard lock(identity_mu_);
+    return mtu_;
+  }
   // Frames waiting for the guest on pair p's receive queue (control thread, rings stopped).
   [[nodiscard]] std::size_t waiting_frames(std::uint32_t pair) const;
   // The tap interface's name (tap mode), as the kernel gave it.
@@ -149,9 +157,12 @@ class NetDevice : public Device {
   void clear_waiting(Pair& pair);
 
   NetOptions options_;
-  // Control thread only: what the guest sees (config()) and the features it accepted.
+  // What the guest sees (config()): written by the control thread, read by mac()/mtu()
+  // from any thread (a test, an operator's query) under identity_mu_.
+  mutable std::mutex identity_mu_;
   std::array<std::uint8_t, 6> mac_;
   std::uint16_t mtu_;
+  // Control thread only: the features the guest accepted.
   std::uint64_t features_ = 0;
   std::atomic<std::uint32_t> hdr_len_{12};
   std::atomic<bool> mrg_rxbuf_{false};

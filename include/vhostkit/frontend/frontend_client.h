@@ -77,10 +77,12 @@ class FrontendClient {
 
   // GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD, SET_OWNER, SET_FEATURES.
   [[nodiscard]] Result<void, std::string> negotiate(const ClientOptions& options);
-  [[nodiscard]] std::uint64_t features() const { return features_; }
-  [[nodiscard]] std::uint64_t protocol_features() const { return protocol_features_; }
+  [[nodiscard]] std::uint64_t features() const { return features_.load(std::memory_order_relaxed); }
+  [[nodiscard]] std::uint64_t protocol_features() const {
+    return protocol_features_.load(std::memory_order_relaxed);
+  }
   [[nodiscard]] vhost_user::Negotiated negotiated() const {
-    return {features_, protocol_features_};
+    return {features(), protocol_features()};
   }
   [[nodiscard]] bool gpa_addresses() const;
   [[nodiscard]] bool iommu() const;
@@ -179,8 +181,10 @@ class FrontendClient {
 
   std::mutex mu_;  // serialises requests and replies on sock_
   UniqueFd sock_;
-  std::uint64_t features_ = 0;
-  std::uint64_t protocol_features_ = 0;
+  // Atomic: the back-end channel thread reads them (the address form of its IOTLB
+  // answers) while a request on another thread may change them (SET_FEATURES, logging).
+  std::atomic<std::uint64_t> features_{0};
+  std::atomic<std::uint64_t> protocol_features_{0};
   UniqueFd backend_sock_;  // our end of the back-end request channel
   std::thread backend_thread_;
   std::atomic<bool> closing_{false};

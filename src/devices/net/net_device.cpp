@@ -210,6 +210,7 @@ std::uint64_t NetDevice::device_features() const {
 
 std::vector<std::uint8_t> NetDevice::config() const {
   std::vector<std::uint8_t> c(12, 0);
+  std::lock_guard lock(identity_mu_);
   std::copy(mac_.begin(), mac_.end(), c.begin());
   put_le16(&c[6], kNetSLinkUp);
   put_le16(&c[8], static_cast<std::uint16_t>(options_.queue_pairs));
@@ -250,8 +251,11 @@ void NetDevice::reset() {
     clear_waiting(*p);
     p->started = false;
   }
-  mac_ = options_.mac;
-  mtu_ = options_.mtu;
+  {
+    std::lock_guard lock(identity_mu_);
+    mac_ = options_.mac;
+    mtu_ = options_.mtu;
+  }
   features_ = 0;
 }
 
@@ -286,8 +290,8 @@ constexpr std::size_t kStateFrameBudget = 16u << 20;
 }  // namespace
 
 void NetDevice::save_state(DeviceStateWriter& out) const {
-  out.bytes(kTagMac, mac_);
-  out.u64(kTagMtu, mtu_);
+  out.bytes(kTagMac, mac());
+  out.u64(kTagMtu, mtu());
   out.u64(kTagFeatures, features_);
   out.u64(kTagQueuePairs, options_.queue_pairs);
   // Frames first: the ones that do not fit count as dropped in the saved counters.
@@ -395,8 +399,11 @@ Result<void, std::string> NetDevice::load_state(const DeviceStateReader& in,
       pair_states[i].frames.push_back(*f);
     }
   }
-  std::copy(mac->begin(), mac->end(), mac_.begin());
-  mtu_ = static_cast<std::uint16_t>(*mtu);
+  {
+    std::lock_guard lock(identity_mu_);
+    std::copy(mac->begin(), mac->end(), mac_.begin());
+    mtu_ = static_cast<std::uint16_t>(*mtu);
+  }
   set_features(*features);
   for (std::uint32_t i = 0; i < pairs_.size(); ++i) {
     Pair& p = *pairs_[i];
