@@ -70,6 +70,16 @@ def start_backend(kind, direction, size, sock, daemon, log, iommu=False, daemon_
     return p
 
 
+def stop_backend(kind, back):
+    """Stops a back-end start_backend started: testpmd quits on SIGINT, our daemons on SIGTERM."""
+    back.send_signal(signal.SIGINT if kind == "dpdk" else signal.SIGTERM)
+    try:
+        back.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        back.kill()
+        back.wait()
+
+
 def one_run(kind, direction, size, seconds, daemon, work):
     sock = os.path.join(work, f"{kind}-{direction}-{size}.sock")
     if os.path.exists(sock):
@@ -87,12 +97,7 @@ def one_run(kind, direction, size, seconds, daemon, work):
         with open(os.path.join(work, f"front-{kind}-{direction}-{size}.log"), "w") as f:
             f.write(out)
     finally:
-        back.send_signal(signal.SIGINT if kind == "dpdk" else signal.SIGTERM)
-        try:
-            back.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            back.kill()
-            back.wait()
+        stop_backend(kind, back)
     key = "Tx-pps" if direction == "g2h" else "Rx-pps"
     samples = [int(x) for x in re.findall(key + r":\s+(\d+)", out)]
     steady = samples[2:] if len(samples) > 4 else samples[1:]

@@ -23,7 +23,6 @@ Prints BENCH lines:
 import argparse
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,12 +53,7 @@ def one_run(kind, mode, entries, args, work, iotlb_entries=None, seconds=None, w
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 timeout=300)
         finally:
-            back.send_signal(signal.SIGINT if kind == "dpdk" else signal.SIGTERM)
-            try:
-                back.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                back.kill()
-                back.wait()
+            net_bench.stop_backend(kind, back)
     out = drv.stdout.decode(errors="replace")
     with open(os.path.join(work, f"driver-{kind}-{mode}-{entries}-{cap}.log"), "w") as f:
         f.write(out)
