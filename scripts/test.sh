@@ -71,12 +71,21 @@ step "threads: ThreadSanitizer build and the fast tests"
 if build tsan; then
   # exitcode 66: a test that only reports a race still fails. second_deadlock_stack: both
   # stacks of a lock-order report.
+  # Left out, too: the inflight crash tests that fork their back-ends (InflightProperty,
+  # Points/InflightCrash). Their front-end has threads when it forks, and TSan does not
+  # support a child that starts threads after a multi-threaded fork: by default it kills
+  # the child (exit 66), and with die_after_fork=0 the child can deadlock on a lock TSan
+  # held at the fork (seen: one run in three hung). Under TSan, the inflight records with
+  # a live worker, reset and disconnect run in Inflight.*, recovery in InflightQueue.*; a
+  # back-end taking over from a dead one across processes does not (a gap; a TSan run of
+  # the forked tests found the one race there, fixed in QueueRunner::start). The crash
+  # tests run under ASan and in the release build.
   # Left out: four single-threaded model tests (rapidcheck, 300 cases each) that TSan has
   # nothing to check in and that take 9 of its 19 CPU minutes; the ASan and release runs
   # have them.
   TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp" \
     ctest --preset tsan -j2 "${fast_only[@]}" \
-    -E '^(AddressSpaceModel\.|TranslateModel\.|IotlbLimit\.MillionEntries$)' \
+    -E '^(AddressSpaceModel\.|TranslateModel\.|IotlbLimit\.MillionEntries$|InflightProperty\.|Points/InflightCrash\.)' \
     >"$log_dir/ctest-tsan.log" 2>&1
   if [[ $? -ne 0 ]]; then status=1; tail -n 200 "$log_dir/ctest-tsan.log"; fi
   grep -E "tests passed|tests failed" "$log_dir/ctest-tsan.log" | tail -n 1

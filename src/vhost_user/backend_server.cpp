@@ -925,9 +925,6 @@ Result<void, std::string> BackendServer::Impl::start_ring(std::uint32_t index, U
   q.runner->set_enabled(enabled);
   if (auto r = q.runner->start(c, s, used_from_ring, std::move(kick)); !r)
     return unexpected(r.error().message());
-  if (!q.started && q.runner->queue().resubmit_pending() > 0)
-    log(LogLevel::info, "{}: queue {} resubmits {} requests a previous back-end left in flight",
-        device_.name(), index, q.runner->queue().resubmit_pending());
   q.started = true;  // its inflight records are ours from now on
   return {};
 }

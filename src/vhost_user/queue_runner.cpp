@@ -39,6 +39,10 @@ Result<void, VirtqueueError> QueueRunner::start(const QueueConfig& config, const
                                                 bool used_from_ring, UniqueFd kick) {
   (void)stop();
   if (auto r = vq_.start(config, state, used_from_ring); !r) return r;
+  // Read before the worker owns the queue (it pops the resubmitted chains).
+  if (std::size_t n = vq_.resubmit_pending(); n > 0)
+    log(LogLevel::info, "{} queue {}: resubmits {} requests a previous back-end left in flight",
+        device_.name(), index_, n);
   kick_ = std::move(kick);
   if (kick_.valid()) {
     int flags = ::fcntl(kick_.get(), F_GETFL);

@@ -236,11 +236,23 @@ Child spawn_backend(Workload& w, CrashPoint point, int countdown) {
   return Child{pid, UniqueFd(sv[1])};
 }
 
+// How the children that ended otherwise than planned (0: served to the end, 42: the crash
+// hook) ended: a sanitizer's report in a back-end (its exit code) fails the run too.
+std::string g_child_failures;
+
+void reaped(pid_t pid, int status) {
+  if (WIFEXITED(status) && (WEXITSTATUS(status) == 0 || WEXITSTATUS(status) == 42)) return;
+  g_child_failures +=
+      fmt::format("back-end {} ended with {} {}; ", pid, WIFEXITED(status) ? "exit code" : "signal",
+                  WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+}
+
 // Whether the child has ended (reaped).
 bool ended(Child& c) {
   if (c.pid < 0) return true;
   int status = 0;
   if (::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+    reaped(c.pid, status);
     c.pid = -1;
     return true;
   }
@@ -251,7 +263,7 @@ void finish(Child& c) {
   c.sock.reset();
   if (c.pid > 0) {
     int status = 0;
-    ::waitpid(c.pid, &status, 0);
+    if (::waitpid(c.pid, &status, 0) == c.pid) reaped(c.pid, status);
     c.pid = -1;
   }
 }
@@ -272,6 +284,7 @@ struct Outcome {
 // Drives plan.requests requests of w through back-ends that crash as planned.
 Outcome run(Workload& w, const Plan& plan, std::uint64_t seed) {
   Outcome out;
+  g_child_failures.clear();
   auto mem = GuestMemory::create({{Gpa(kA), kASize}});
   if (!mem) return {"memory: " + mem.error()};
   auto drv = VirtioDriver::create(
@@ -381,6 +394,8 @@ Outcome run(Workload& w, const Plan& plan, std::uint64_t seed) {
   }
   client->close();
   finish(child);
+  if (out.error.empty() && !g_child_failures.empty()) out.error = g_child_failures;
+  g_child_failures.clear();
   for (std::size_t k = 0; k < completions.size() && out.error.empty(); ++k)
     if (completions[k] != 1)
       out.error = fmt::format("request {} completed {} times", k, completions[k]);
