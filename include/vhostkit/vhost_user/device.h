@@ -70,6 +70,11 @@ class VHOSTKIT_API Device {
   // Device-type feature bits offered, without ring or transport bits (the server adds
   // VERSION_1, ACCESS_PLATFORM, RING_PACKED, EVENT_IDX, INDIRECT_DESC, LOG_ALL, ...).
   [[nodiscard]] virtual std::uint64_t device_features() const = 0;
+  // For load_state(): the device-type bits (0-23) of the features a driver accepted that
+  // this device does not offer (the transport bits are the server's); 0 if none.
+  [[nodiscard]] std::uint64_t unoffered_device_bits(std::uint64_t accepted) const {
+    return accepted & ((std::uint64_t{1} << 24) - 1) & ~device_features();
+  }
   // Number of virtqueues (VHOST_USER_GET_QUEUE_NUM).
   [[nodiscard]] virtual std::uint32_t num_queues() const = 0;
   // Whether the server offers inflight I/O tracking for this device (see Inflight).

@@ -401,11 +401,9 @@ Result<void, std::string> BlkDevice::load_state(const DeviceStateReader& in,
     return unexpected(fmt::format("serial of {} bytes (at most {})", serial->size(), kIdBytes));
   auto features = in.u64(kTagFeatures);
   if (!features) return err(features.error());
-  // Transport bits are the server's; the device-type bits must all be ours.
-  const std::uint64_t device_bits = *features & ((std::uint64_t{1} << 24) - 1);
-  if ((device_bits & ~device_features()) != 0)
-    return unexpected(fmt::format("the driver accepted features {:#x} this device does not offer",
-                                  device_bits & ~device_features()));
+  if (const std::uint64_t extra = unoffered_device_bits(*features); extra != 0)
+    return unexpected(
+        fmt::format("the driver accepted features {:#x} this device does not offer", extra));
   auto stats = in.group(kTagStats);
   if (!stats) return err(stats.error());
   std::uint64_t counts[std::size(kStatFields)];

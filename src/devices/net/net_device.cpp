@@ -344,10 +344,9 @@ Result<void, std::string> NetDevice::load_state(const DeviceStateReader& in,
   if (*mtu < 68) return unexpected(fmt::format("MTU {} is below 68", *mtu));
   auto features = in.u64(kTagFeatures);
   if (!features) return err(features.error());
-  const std::uint64_t device_bits = *features & ((std::uint64_t{1} << 24) - 1);
-  if ((device_bits & ~device_features()) != 0)
-    return unexpected(fmt::format("the driver accepted features {:#x} this device does not offer",
-                                  device_bits & ~device_features()));
+  if (const std::uint64_t extra = unoffered_device_bits(*features); extra != 0)
+    return unexpected(
+        fmt::format("the driver accepted features {:#x} this device does not offer", extra));
   auto pairs_n = in.u64(kTagQueuePairs);
   if (!pairs_n) return err(pairs_n.error());
   if (*pairs_n != options_.queue_pairs)
