@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "tool_support.h"
 #include "vhostkit/log.h"
 #include "vhostkit/vhost_user/backend_server.h"
 
@@ -232,12 +233,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "sink_backend: give exactly one of --socket-path and --fd\n");
     return 2;
   }
-  set_log_sink(
-      [](LogLevel l, std::string_view line) {
-        std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()),
-                     line.data());
-      },
-      level);
+  tools::log_to_stderr(level);
   SinkDevice device(queues, source, marker, mergeable, big);
   device.interval_ = interval;
   BackendServer server(device, options);

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "tool_support.h"
 #include "vhostkit/frontend/frontend_client.h"
 #include "vhostkit/log.h"
 
@@ -43,20 +44,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  set_log_sink(
-      [](LogLevel l, std::string_view line) {
-        std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()),
-                     line.data());
-      },
-      LogLevel::info);
-  std::unique_ptr<FrontendClient> client;
-  for (int attempt = 0; attempt < 100 && !client; ++attempt) {
-    auto c = FrontendClient::connect(path);
-    if (c)
-      client = std::move(*c);
-    else
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  tools::log_to_stderr(LogLevel::info);
+  std::unique_ptr<FrontendClient> client = tools::connect_when_up(path);
   if (!client) {
     std::fprintf(stderr, "vhost_frontend_tool: cannot connect to %s\n", path.c_str());
     return 1;

@@ -30,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "tool_support.h"
 #include "vhostkit/frontend/frontend_client.h"
 #include "vhostkit/log.h"
 
@@ -85,20 +86,9 @@ int main(int argc, char** argv) {
       entries > (1U << 22) || seconds <= 0 || warmup < 0)
     return usage();
   const bool lazy = mode == "lazy";
-  set_log_sink(
-      [](LogLevel l, std::string_view line) {
-        std::fprintf(stderr, "%s: %.*s\n", to_string(l), static_cast<int>(line.size()),
-                     line.data());
-      },
-      LogLevel::warn);
+  tools::log_to_stderr(LogLevel::warn);
 
-  std::unique_ptr<FrontendClient> client;
-  for (int attempt = 0; attempt < 100 && !client; ++attempt) {
-    if (auto c = FrontendClient::connect(path))
-      client = std::move(*c);
-    else
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  std::unique_ptr<FrontendClient> client = tools::connect_when_up(path);
   if (!client) {
     std::fprintf(stderr, "viommu_driver: cannot connect to %s\n", path.c_str());
     return 1;
